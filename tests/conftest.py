@@ -24,8 +24,11 @@ S3_SECRET = "testing"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster bound to 127.0.0.1, shared by the whole session."""
+def ray_cluster(s3_server):
+    """A local Ray cluster bound to 127.0.0.1, shared by the whole session.
+
+    It starts after the S3 server so that its workers inherit the S3 endpoint and keys.
+    """
     import ray
 
     if ray.is_initialized():

