@@ -119,8 +119,29 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, bare)
 
 
+def json_safe(obj: Any) -> Any:
+    """NaN/inf become null and numpy scalars plain numbers, so the file is strict JSON."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    """Strict JSON (NaN as null), written atomically."""
+    text = json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False)
+    write_bytes_atomic(path, (text + "\n").encode())
 
 
 def read_json(path: str) -> Any:
