@@ -53,7 +53,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 @app.command("synth")
 def synth_command(
-    out: str = typer.Option(..., help="Output folder for the toy zoo (metadata.csv, split.csv, images/)."),
+    out: str = typer.Option(
+        ..., help="Output folder for the toy zoo (metadata.csv, split.csv, images/)."
+    ),
     species: int = typer.Option(3, min=1, help="Number of species (body shapes)."),
     individuals: int = typer.Option(30, min=2, help="Total number of individuals."),
     images_per: int = typer.Option(8, min=1, help="Images per individual."),
@@ -69,8 +71,14 @@ def synth_command(
     if split_kind not in ("closed", "open", "disjoint"):
         raise typer.BadParameter("use closed, open or disjoint", param_hint="--split-kind")
     summary = generate_zoo(
-        out, species=species, individuals=individuals, images_per=images_per, size=size,
-        seed=seed, split_kind=split_kind, progress=True,
+        out,
+        species=species,
+        individuals=individuals,
+        images_per=images_per,
+        size=size,
+        seed=seed,
+        split_kind=split_kind,
+        progress=True,
     )
     Console().print(
         f"[bold]toy zoo[/bold] {summary.n_images} images of {summary.n_individuals} individuals "
@@ -82,7 +90,9 @@ def synth_command(
 
 @app.command("demo")
 def demo_command(
-    out: str = typer.Option("demo-out", help="Output folder: report.md, metrics.json and every stage's outputs."),
+    out: str = typer.Option(
+        "demo-out", help="Output folder: report.md, metrics.json and every stage's outputs."
+    ),
     preset: str = typer.Option("default", help="Size preset: tiny (a smoke run), default, large."),
     seed: int = typer.Option(0, help="Seed of the toy zoo."),
     skip_train: bool = typer.Option(False, help="Skip the training stage."),

@@ -67,7 +67,10 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET
     )
@@ -86,7 +89,9 @@ def s3_bucket(s3_server, request):
     import s3fs
 
     fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, endpoint_url=s3_server)
-    name = "rr-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    name = (
+        "rr-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    )
     name = name.strip("-")
     fs.mkdir(name)
     fs.invalidate_cache()

@@ -174,9 +174,9 @@ def test_manifest_relative_paths_and_columns(tmp_path):
 
 def test_manifest_parquet(tmp_path):
     _write_images(tmp_path)
-    pd.DataFrame({"image_id": ["x", "y"], "path": ["img0.jpg", "img1.jpg"], "identity": ["a", "b"]}).to_parquet(
-        tmp_path / "m.parquet"
-    )
+    pd.DataFrame(
+        {"image_id": ["x", "y"], "path": ["img0.jpg", "img1.jpg"], "identity": ["a", "b"]}
+    ).to_parquet(tmp_path / "m.parquet")
     m = read_manifest(str(tmp_path / "m.parquet"))
     assert m.table["image_id"].to_pylist() == ["x", "y"]
 
@@ -221,9 +221,13 @@ def test_missing_required_column_and_missing_manifest(tmp_path):
 
 def test_split_file_sets_split_column(tmp_path):
     _write_images(tmp_path)
-    pd.DataFrame({"image_id": ["a", "b", "c"], "path": ["img0.jpg", "img1.jpg", "img2.jpg"], "identity": ["x", "x", "y"]}).to_csv(
-        tmp_path / "m.csv", index=False
-    )
+    pd.DataFrame(
+        {
+            "image_id": ["a", "b", "c"],
+            "path": ["img0.jpg", "img1.jpg", "img2.jpg"],
+            "identity": ["x", "x", "y"],
+        }
+    ).to_csv(tmp_path / "m.csv", index=False)
     (tmp_path / "split.csv").write_text("image_id,split\na,gallery\nb,query\n")
     m = read_manifest(str(tmp_path / "m.csv"), split_file=str(tmp_path / "split.csv"))
     assert m.table["split"].to_pylist() == ["gallery", "query", None]
@@ -262,7 +266,9 @@ def test_image_pipeline_counts_every_bad_row(ray_cluster, tmp_path):
     ds = image_dataset(m, size=(24, 24), batch_size=3, rows_per_block=2)
     rows = {}
     for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
-        for image_id, err, img in zip(batch["image_id"], batch["error"], batch["image"], strict=True):
+        for image_id, err, img in zip(
+            batch["image_id"], batch["error"], batch["image"], strict=True
+        ):
             rows[str(image_id)] = (str(err), img)
     assert set(rows) == {"g0", "g1", "g2", "empty", "text", "trunc", "png", "missing", "outside"}
     ok = {k for k, (err, _) in rows.items() if err == ""}
@@ -286,7 +292,9 @@ def test_manifest_and_images_from_s3(ray_cluster, s3_bucket, tmp_path):
     fs, _ = rio.filesystem(s3_bucket)
     for n in names:
         fs.put(str(tmp_path / n), f"{s3_bucket[5:]}/zoo/images/{n}")
-    csv = "image_id,path,identity\n" + "".join(f"i{k},images/{n},ind{k % 2}\n" for k, n in enumerate(names))
+    csv = "image_id,path,identity\n" + "".join(
+        f"i{k},images/{n},ind{k % 2}\n" for k, n in enumerate(names)
+    )
     csv += "gone,images/missing.jpg,ind0\n"
     rio.write_bytes_atomic(f"{s3_bucket}/zoo/metadata.csv", csv.encode())
 

@@ -41,7 +41,12 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 ERRORS_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("path", pa.string()), ("stage", pa.string()), ("reason", pa.string())]
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+    ]
 )
 
 
@@ -53,7 +58,10 @@ def errors_table(rows: list[dict]) -> pa.Table:
     """Rows of ``{image_id, path, stage, reason}`` as an errors table."""
     if not rows:
         return empty_errors()
-    cols = {name: [None if r.get(name) is None else str(r.get(name)) for r in rows] for name in ERRORS_SCHEMA.names}
+    cols = {
+        name: [None if r.get(name) is None else str(r.get(name)) for r in rows]
+        for name in ERRORS_SCHEMA.names
+    }
     return pa.table(cols, schema=ERRORS_SCHEMA)
 
 
@@ -170,7 +178,9 @@ def read_manifest(path: str, split_file: str | None = None) -> Manifest:
     column replaces the manifest's own.
     """
     frame = _read_frame(str(path))
-    return validate_manifest(frame, base_dir=rio.dirname(str(path)), source=str(path), split_file=split_file)
+    return validate_manifest(
+        frame, base_dir=rio.dirname(str(path)), source=str(path), split_file=split_file
+    )
 
 
 def validate_manifest(
@@ -195,13 +205,23 @@ def validate_manifest(
     rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     errors: list[dict] = []
     seen: dict[str, int] = {}
-    get = {c: (frame[c].tolist() if c in frame.columns else [None] * len(frame)) for c in MANIFEST_SCHEMA.names}
+    get = {
+        c: (frame[c].tolist() if c in frame.columns else [None] * len(frame))
+        for c in MANIFEST_SCHEMA.names
+    }
     for i in range(len(frame)):
         image_id = _clean_str(get["image_id"][i])
         raw_path = _clean_str(get["path"][i])
         resolved = rio.resolve(raw_path, base_dir) if raw_path else None
         if image_id is None:
-            errors.append(dict(image_id=None, path=resolved, stage="manifest", reason=f"row {i}: empty image_id"))
+            errors.append(
+                dict(
+                    image_id=None,
+                    path=resolved,
+                    stage="manifest",
+                    reason=f"row {i}: empty image_id",
+                )
+            )
             continue
         if image_id in seen:
             errors.append(

@@ -53,7 +53,9 @@ def parse_ref(ref: str) -> tuple[str, str]:
     """Split a model reference into (kind, name); kind is timm, hf-hub or checkpoint."""
     ref = str(ref).strip()
     if not ref:
-        raise ModelError("empty model reference: use timm:NAME, hf-hub:ORG/NAME or a checkpoint path")
+        raise ModelError(
+            "empty model reference: use timm:NAME, hf-hub:ORG/NAME or a checkpoint path"
+        )
     if ref.startswith("timm:"):
         return "timm", ref[5:]
     if ref.startswith("hf-hub:"):
@@ -130,11 +132,15 @@ def offline_imagenet_state_dict(arch: str, target: nn.Module) -> dict | None:
     tgt_items = list(target_sd.items())
     # a headless target lacks the classifier: map the leading tensors only
     if len(src_items) < len(tgt_items):
-        raise ModelError(f"offline weights for {arch} have {len(src_items)} tensors, model needs {len(tgt_items)}")
+        raise ModelError(
+            f"offline weights for {arch} have {len(src_items)} tensors, model needs {len(tgt_items)}"
+        )
     mapped = {}
     for (tkey, tval), (skey, sval) in zip(tgt_items, src_items, strict=False):
         if tuple(tval.shape) != tuple(sval.shape):
-            raise ModelError(f"offline weights for {arch}: {skey} {tuple(sval.shape)} does not fit {tkey} {tuple(tval.shape)}")
+            raise ModelError(
+                f"offline weights for {arch}: {skey} {tuple(sval.shape)} does not fit {tkey} {tuple(tval.shape)}"
+            )
         mapped[tkey] = sval
     return mapped
 
@@ -164,7 +170,14 @@ def _load_timm(name: str, ref: str) -> LoadedModel:
     backbone, description = build_backbone(name, num_classes=0)
     model = PooledBackbone(backbone)
     preprocess = timm_preprocess(backbone)
-    return LoadedModel(model, preprocess, _fingerprint(model, preprocess, ref), ref, description, model.embedding_dim)
+    return LoadedModel(
+        model,
+        preprocess,
+        _fingerprint(model, preprocess, ref),
+        ref,
+        description,
+        model.embedding_dim,
+    )
 
 
 def _hub_snapshot(repo_id: str) -> str:
@@ -205,19 +218,25 @@ def _load_hf_hub(name: str, ref: str) -> LoadedModel:
         model = PooledBackbone(backbone)
         preprocess = timm_preprocess(backbone)
         desc = f"hf-hub {name} (timm {config['architecture']}, hub weights)"
-        return LoadedModel(model, preprocess, _fingerprint(model, preprocess, ref), ref, desc, model.embedding_dim)
+        return LoadedModel(
+            model, preprocess, _fingerprint(model, preprocess, ref), ref, desc, model.embedding_dim
+        )
     if "auto_map" in config:  # a transformers model with its own code (e.g. MiewID)
         try:
             from transformers import AutoModel
         except ImportError:
-            raise ModelError(f"hf-hub:{name} is a transformers model: `pip install transformers`") from None
+            raise ModelError(
+                f"hf-hub:{name} is a transformers model: `pip install transformers`"
+            ) from None
         model = AutoModel.from_pretrained(snapshot, trust_remote_code=True)
         size = int(config.get("image_size", 440))
         preprocess = Preprocess(input_size=(size, size))
         dim = int(config.get("embedding_dim", config.get("hidden_size", 0)) or 0)
         desc = f"hf-hub {name} (transformers, custom code)"
         return LoadedModel(model, preprocess, _fingerprint(model, preprocess, ref), ref, desc, dim)
-    raise ModelError(f"hf-hub:{name}: config.json names neither a timm architecture nor transformers code")
+    raise ModelError(
+        f"hf-hub:{name}: config.json names neither a timm architecture nor transformers code"
+    )
 
 
 def save_checkpoint(
@@ -246,7 +265,9 @@ def read_checkpoint(path: str) -> dict:
     if not fs.exists(bare):
         raise ModelError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(io.BytesIO(rio.read_bytes(path)), map_location="cpu", weights_only=True)
+        payload = torch.load(
+            io.BytesIO(rio.read_bytes(path)), map_location="cpu", weights_only=True
+        )
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot read checkpoint {path}: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:

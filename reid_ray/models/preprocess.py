@@ -25,7 +25,9 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
-        known = {k: d[k] for k in ("input_size", "mean", "std", "interpolation", "resize_mode") if k in d}
+        known = {
+            k: d[k] for k in ("input_size", "mean", "std", "interpolation", "resize_mode") if k in d
+        }
         for k in ("input_size", "mean", "std"):
             if k in known:
                 known[k] = tuple(known[k])
