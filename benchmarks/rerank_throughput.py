@@ -1,0 +1,215 @@
+"""Re-ranking throughput: pairs/s with the per-image feature cache vs extracting per pair.
+
+Measured side by side in one run, for each extractor/matcher configuration, on toy-zoo
+images (real JPEG files):
+
+* ``raw_matcher``: the matcher call alone on features already in memory (the ceiling);
+* ``naive_per_pair``: what a naive loop does: decode, crop, resize and extract BOTH images
+  of every pair, then match;
+* ``cached_cold``: features extracted once per image into the on-disk cache, then each
+  pair reads its two entries and matches (extraction time included, so it depends on the
+  number of pairs per image: see ``pairs_per_image``);
+* ``cached_warm``: the cache already filled (a rerun, a second top-K, the calibration
+  pairs sharing gallery images): read two entries and match;
+* ``ray_pipeline``: ``reid_ray.rerank.score_pairs`` on the local Ray cluster from a cold
+  cache: ``match_stage`` is pairs / wall time of the matching stage (actor start-up
+  included), ``per_actor_second`` pairs / time inside the actors' match calls,
+  ``end_to_end`` pairs / total wall time including feature extraction.
+
+Usage::
+
+    python benchmarks/rerank_throughput.py [--queries 8 --candidates 12 --naive-pairs 12]
+        [--configs aliked:lightglue,disk:lightglue,sift:classical] [--out FILE]
+
+Writes ``benchmarks/results/rerank_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "rerank_throughput.json"
+
+
+def _rate(n: int, seconds: float) -> float | None:
+    return round(n / seconds, 3) if seconds > 0 and n else None
+
+
+def bench_config(extractor: str, matcher: str, manifest, pairs, args, workdir: str) -> dict:
+    import pyarrow as pa
+    import torch
+
+    from reid_ray.rerank import RerankConfig, score_pairs_detailed
+    from reid_ray.rerank.cache import FeatureCache, get_or_extract
+    from reid_ray.rerank.features import build_extractor, feature_fingerprint, load_prepared
+    from reid_ray.rerank.matchers import PairScorer
+
+    torch.set_num_threads(args.threads)
+    cfg = RerankConfig(
+        extractor=extractor,
+        matcher=matcher,
+        max_keypoints=args.max_keypoints,
+        resize_long_side=args.resize,
+        queries_per_batch=2,
+    )
+    rows = {r["image_id"]: r for r in manifest.table.to_pylist()}
+    extractor_obj = build_extractor(cfg)
+    scorer = PairScorer(cfg)
+
+    def extract(row):
+        return extractor_obj.extract(*load_prepared(row, cfg))
+
+    images = list(dict.fromkeys([q for q, _ in pairs] + [g for _, g in pairs]))
+    extract(rows[images[0]])  # warm-up (first-call allocations)
+    scorer.score(extract(rows[images[0]]), [extract(rows[images[1]])])
+
+    # cached, cold: extract once per image into the cache, then read + match every pair
+    cache_dir = os.path.join(workdir, f"cache-{extractor}-{matcher}")
+    t0 = time.perf_counter()
+    cache = FeatureCache(cache_dir, feature_fingerprint(cfg))
+    get_or_extract([rows[i] for i in images], extract, cache)
+    t_extract = time.perf_counter() - t0
+    reader = FeatureCache(cache_dir, feature_fingerprint(cfg), memory_items=0)
+    t1 = time.perf_counter()
+    for q, g in pairs:
+        scorer.score(reader.get(q), [reader.get(g)])
+    t_warm = time.perf_counter() - t1
+    t_cold = time.perf_counter() - t0
+
+    # raw matcher: features in memory, one call per pair
+    feats = {i: reader.get(i) for i in images}
+    t0 = time.perf_counter()
+    for q, g in pairs:
+        scorer.score(feats[q], [feats[g]])
+    t_raw = time.perf_counter() - t0
+
+    # naive: extract both images for every pair
+    naive = pairs[: args.naive_pairs]
+    t0 = time.perf_counter()
+    for q, g in naive:
+        scorer.score(extract(rows[q]), [extract(rows[g])])
+    t_naive = time.perf_counter() - t0
+
+    # the Ray pipeline, cold cache
+    table = pa.table({"query_id": [q for q, _ in pairs], "gallery_id": [g for _, g in pairs]})
+    out = os.path.join(workdir, f"ray-{extractor}-{matcher}")
+    t0 = time.perf_counter()
+    result = score_pairs_detailed(
+        table, manifest, cfg.replace(cache_dir=os.path.join(out, "features")), out
+    )
+    t_ray = time.perf_counter() - t0
+    st = result.stats
+    n = len(pairs)
+    res = {
+        "config": f"{extractor}+{matcher}",
+        "pairs": n,
+        "images": len(images),
+        "pairs_per_image": round(n / len(images), 2),
+        "extract_ms_per_image": round(1000 * t_extract / len(images), 1),
+        "pairs_per_s": {
+            "raw_matcher": _rate(n, t_raw),
+            "naive_per_pair": _rate(len(naive), t_naive),
+            "cached_cold": _rate(n, t_cold),
+            "cached_warm": _rate(n, t_warm),
+            "ray_pipeline": {
+                "match_stage": st.get("pairs_per_s"),
+                "per_actor_second": st.get("pairs_per_actor_s"),
+                "end_to_end": _rate(n, t_ray),
+                "actors": st.get("actors"),
+                "cpus_per_actor": st.get("cpus_per_actor"),
+            },
+        },
+        "naive_pairs_measured": len(naive),
+    }
+    ps = res["pairs_per_s"]
+    if ps["naive_per_pair"]:
+        res["speedup_cached_cold_vs_naive"] = round(ps["cached_cold"] / ps["naive_per_pair"], 2)
+        res["speedup_cached_warm_vs_naive"] = round(ps["cached_warm"] / ps["naive_per_pair"], 2)
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--queries", type=int, default=8)
+    p.add_argument("--candidates", type=int, default=12)
+    p.add_argument("--naive-pairs", type=int, default=12)
+    p.add_argument("--max-keypoints", type=int, default=256)
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--configs", default="aliked:lightglue,disk:lightglue,sift:classical")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+    import numpy as np
+    import torch
+
+    from reid_ray import io as rio
+    from reid_ray.data import read_manifest
+    from reid_ray.ray_utils import init_ray
+    from reid_ray.synth import generate_zoo
+
+    workdir = tempfile.mkdtemp(prefix="rr-rerank-bench-")
+    individuals = max(4, args.queries)
+    generate_zoo(
+        os.path.join(workdir, "zoo"),
+        species=2,
+        individuals=individuals,
+        images_per=4,
+        size=256,
+        seed=0,
+    )
+    manifest = read_manifest(os.path.join(workdir, "zoo", "metadata.csv"))
+    ids = manifest.table["image_id"].to_pylist()
+    rng = np.random.default_rng(0)
+    queries = [ids[i] for i in rng.choice(len(ids), args.queries, replace=False)]
+    gallery = [i for i in ids if i not in queries]
+    pairs = [(q, g) for q in queries for g in rng.choice(gallery, args.candidates, replace=False)]
+    init_ray()
+    results = []
+    for spec in args.configs.split(","):
+        extractor, matcher = spec.split(":")
+        results.append(bench_config(extractor, matcher, manifest, pairs, args, workdir))
+        print(results[-1], flush=True)
+    report = {
+        "benchmark": "rerank_throughput",
+        "what": {
+            "raw_matcher": "matcher call alone, features in memory",
+            "naive_per_pair": "decode + extract both images for every pair, then match",
+            "cached_cold": "extract once per image into the on-disk cache, then read two entries and match "
+            "per pair; extraction included (depends on pairs_per_image)",
+            "cached_warm": "cache already filled: read two entries and match per pair",
+            "ray_pipeline": "score_pairs on the local Ray cluster, cold cache: match_stage = pairs / wall "
+            "time of the matching stage (actor start-up included); per_actor_second = pairs / time "
+            "inside the actors' match calls; end_to_end = pairs / total wall time incl. extraction",
+        },
+        "settings": {
+            "queries": args.queries,
+            "candidates_per_query": args.candidates,
+            "max_keypoints": args.max_keypoints,
+            "resize_long_side": args.resize,
+            "torch_threads_in_process": args.threads,
+            "image_size": 256,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "cuda": torch.cuda.is_available(),
+            "torch": torch.__version__,
+            "load_average_at_end": os.getloadavg(),
+        },
+        "results": results,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    rio.write_json_atomic(args.out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Distributed embedding: decoded crops -> L2-normalised vectors, streamed to Parquet.
+
+``Embedder`` (``embedder.py``) is the pure kernel; ``embed``/``embed_manifest``
+(``pipeline.py``) wire it into a Ray Data actor pool; ``store.py`` owns the on-disk layout
+(atomic parts, resume, readers); ``config.py`` the settings and the resource plan.
+Names are imported on first use, so ``reid-ray --help`` stays fast.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "EmbedConfig": "config",
+    "ResourcePlan": "config",
+    "plan_resources": "config",
+    "Embedder": "embedder",
+    "embedding_key": "embedder",
+    "l2_normalize": "embedder",
+    "EmbedSummary": "pipeline",
+    "embed": "pipeline",
+    "embed_manifest": "pipeline",
+    "EMBEDDINGS_SCHEMA": "store",
+    "EmbeddingSet": "store",
+    "embeddings_table": "store",
+    "read_embeddings": "store",
+    "read_errors": "store",
+    "scan_existing": "store",
+    "table_to_matrix": "store",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reid_ray.embed' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"reid_ray.embed.{module}"), name)
+
+
+__all__ = sorted(_EXPORTS)

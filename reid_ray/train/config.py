@@ -1,0 +1,283 @@
+"""Training configuration: frozen dataclasses and one YAML loader that rejects unknown keys.
+
+A job file (``jobs/configs/train_arcface.yaml``) holds the run's inputs and outputs
+(``manifest``, ``split``, ``out``, ``resume``) and a ``train:`` section whose keys are the
+fields of :class:`TrainConfig` (with ``loss:`` and ``augment:`` sub-sections). A misspelled
+key fails with a :class:`~reid_ray.errors.ConfigError` naming it and the allowed keys.
+
+Margins are in radians (0.5 rad is ArcFace's usual 28.6 degrees).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from reid_ray.errors import ConfigError
+
+SAMPLERS = ("random", "pk")
+POOLINGS = ("gem", "avg")
+RESIZE_MODES = ("resize", "letterbox")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Sub-centre ArcFace with dynamic (class-frequency) margins, as in MiewID.
+
+    Class ``c`` with ``n_c`` training images gets ``n_c ** -margin_lambda``, rescaled
+    linearly into ``[margin_min, margin]``: the rarest class gets ``margin``, the most
+    frequent ``margin_min``. ``margin_min == margin`` is plain (static) ArcFace.
+    """
+
+    scale: float = 30.0
+    margin: float = 0.5
+    margin_min: float = 0.05
+    margin_lambda: float = 0.25
+    sub_centers: int = 3
+
+    def validate(self) -> None:
+        _check(self.scale > 0, f"loss.scale must be > 0, got {self.scale}")
+        _check(
+            0.0 <= self.margin_min <= self.margin < math.pi / 2,
+            "loss margins must satisfy 0 <= margin_min <= margin < pi/2 (radians), got "
+            f"margin_min={self.margin_min}, margin={self.margin}",
+        )
+        _check(self.margin_lambda >= 0, f"loss.margin_lambda must be >= 0, got {self.margin_lambda}")
+        _check(self.sub_centers >= 1, f"loss.sub_centers must be >= 1, got {self.sub_centers}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Re-ID augmentations on decoded uint8 batches (kornia, per sample).
+
+    Horizontal flips are off by default: an animal's left and right flanks carry different
+    patterns, so a flipped left flank is not the same individual's right flank.
+    """
+
+    decode_scale: float = 1.15  # images are decoded once at image_size * decode_scale
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333)
+    brightness: float = 0.3
+    contrast: float = 0.3
+    saturation: float = 0.2
+    hue: float = 0.03
+    jitter_p: float = 0.8
+    blur_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+    erase_p: float = 0.0  # random erasing (occlusion), probability per image
+    hflip: bool = False
+
+    def validate(self) -> None:
+        _check(self.decode_scale >= 1.0, f"augment.decode_scale must be >= 1, got {self.decode_scale}")
+        lo, hi = self.crop_scale
+        _check(0 < lo <= hi <= 1, f"augment.crop_scale must be 0 < lo <= hi <= 1, got {self.crop_scale}")
+        lo, hi = self.crop_ratio
+        _check(0 < lo <= hi, f"augment.crop_ratio must be 0 < lo <= hi, got {self.crop_ratio}")
+        for name in ("jitter_p", "blur_p", "erase_p"):
+            v = getattr(self, name)
+            _check(0 <= v <= 1, f"augment.{name} must be in [0, 1], got {v}")
+        _check(0 <= self.hue <= 0.5, f"augment.hue must be in [0, 0.5], got {self.hue}")
+        lo, hi = self.blur_sigma
+        _check(0 < lo <= hi, f"augment.blur_sigma must be 0 < lo <= hi, got {self.blur_sigma}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``None`` means "from the model": a checkpoint keeps its own size, neck
+    and pooling; a ``timm:`` backbone gets 224 px, a 512-d neck and GeM."""
+
+    model: str = "timm:efficientnet_lite0"
+    image_size: int | None = None
+    embedding_dim: int | None = None
+    pooling: str | None = None
+    gem_p: float = 3.0
+    resize_mode: str | None = None
+    epochs: int = 10
+    workers: int = 2
+    cpus_per_worker: float | None = None  # None: share the cluster's CPUs among workers
+    gpus_per_worker: float = 0.0
+    batch_size: int = 16  # per worker
+    sampler: str = "random"  # or "pk": P identities x K images per batch
+    pk_k: int = 4
+    lr: float = 2e-3
+    backbone_lr_mult: float = 1.0
+    head_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.02
+    grad_clip: float = 5.0  # max gradient norm; 0 disables clipping
+    amp: bool = True  # mixed precision on GPU (ignored on CPU)
+    shuffle_buffer: int = 512
+    val_batch_size: int = 64
+    keep_checkpoints: int = 2  # best by validation mAP; the latest is always kept too
+    max_failures: int = 2  # worker crashes survived (restart from the last checkpoint)
+    seed: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> TrainConfig:
+        _check(bool(self.model.strip()), "model must be a reference (timm:NAME or a checkpoint)")
+        _check(self.image_size is None or 16 <= self.image_size <= 2048,
+               f"image_size must be in [16, 2048], got {self.image_size}")
+        _check(self.embedding_dim is None or self.embedding_dim >= 1,
+               f"embedding_dim must be >= 1, got {self.embedding_dim}")
+        _check(self.pooling is None or self.pooling in POOLINGS,
+               f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        _check(self.resize_mode is None or self.resize_mode in RESIZE_MODES,
+               f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        _check(self.cpus_per_worker is None or self.cpus_per_worker > 0,
+               f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _check(self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        _check(self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
+        _check(self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "pk":
+            _check(self.pk_k >= 1 and self.batch_size % self.pk_k == 0 and self.batch_size // self.pk_k >= 2,
+                   f"sampler pk needs batch_size = P x pk_k with P >= 2; got batch_size="
+                   f"{self.batch_size}, pk_k={self.pk_k}")
+        for name in ("lr", "backbone_lr_mult", "head_lr_mult"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        _check(self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        _check(self.val_batch_size >= 1, f"val_batch_size must be >= 1, got {self.val_batch_size}")
+        _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+        self.loss.validate()
+        self.augment.validate()
+        return self
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (``None`` values are ignored), validated."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        merged = self.to_dict()
+        for key, value in _nest(changes).items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return from_dict(TrainConfig, merged)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A training job: where the data is, where the run goes, and the training config."""
+
+    manifest: str | None = None
+    split: str | None = None
+    out: str | None = None
+    resume: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _nest(changes: dict) -> dict:
+    """``{"loss.margin": 0.4}`` -> ``{"loss": {"margin": 0.4}}`` (merged into sub-sections)."""
+    out: dict = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            out.setdefault(head, {})[rest] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert one YAML value to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return from_dict(tp, value, where=where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, *, where: str = "") -> Any:
+    """Build the frozen dataclass ``cls`` from ``data``; unknown keys raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(map(str, data)) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"allowed{' in ' + where if where else ''}: {', '.join(names)}"
+        )
+    kwargs = {
+        name: _convert(data[name], hints[name], f"{where}.{name}" if where else name)
+        for name in names
+        if name in data
+    }
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def load_job_config(path: str) -> JobConfig:
+    """Read a YAML job file (local or ``s3://``) into a validated :class:`JobConfig`."""
+    import yaml
+
+    from reid_ray import io as rio
+
+    try:
+        text = rio.read_bytes(path).decode()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse YAML config {path}: {exc}") from None
+    try:
+        return from_dict(JobConfig, data or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

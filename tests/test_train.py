@@ -1,0 +1,305 @@
+"""Training: pure parts (sampler, schedule, augmentation, validation metric, row selection,
+model start) without Ray, then real Ray Train runs on a tiny toy zoo (marked slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from reid_ray.data import validate_manifest
+from reid_ray.errors import ConfigError, ModelError, OutputError
+from reid_ray.train.augment import TrainAugment
+from reid_ray.train.config import AugmentConfig, TrainConfig
+from reid_ray.train.sampler import pk_batches
+from reid_ray.train.validate import leave_one_out_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# -- pure parts ---------------------------------------------------------------------------
+
+
+def test_pk_batches_hold_p_identities_with_k_images_each():
+    labels = np.repeat(np.arange(6), [5, 5, 5, 2, 8, 5])  # identity 3 has only 2 images
+    batches = pk_batches(labels, p=3, k=4, rng=np.random.default_rng(0))
+    assert len(batches) == len(labels) // 12
+    for idx in batches:
+        assert idx.shape == (12,)
+        ids, counts = np.unique(labels[idx], return_counts=True)
+        assert len(ids) == 3 and (counts == 4).all()
+    again = pk_batches(labels, p=3, k=4, rng=np.random.default_rng(0))
+    assert all((a == b).all() for a, b in zip(batches, again, strict=True))  # seeded
+    # a small identity is drawn with replacement, never with rows of another identity
+    many = pk_batches(labels, p=6, k=4, rng=np.random.default_rng(1))
+    rows_of_3 = np.concatenate([idx[labels[idx] == 3] for idx in many])
+    assert set(rows_of_3) <= set(np.flatnonzero(labels == 3))
+
+
+def test_pk_batches_edge_cases():
+    assert pk_batches(np.arange(5), p=4, k=2, rng=np.random.default_rng(0)) == []
+    with pytest.raises(ConfigError):
+        pk_batches(np.zeros((2, 2)), 2, 2, np.random.default_rng(0))
+
+
+def test_warmup_cosine_schedule():
+    from reid_ray.train.loop import warmup_cosine
+
+    f = [warmup_cosine(s, warmup_steps=4, total_steps=20, min_ratio=0.1) for s in range(21)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f[4] == pytest.approx(1.0)
+    assert f[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert f[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[4:], f[5:], strict=False))
+
+
+def test_augment_normalises_and_keeps_flanks_by_default():
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    aug = TrainAugment(AugmentConfig(), (24, 24), mean, std)
+    names = [type(m).__name__ for m in aug.ops]
+    assert "RandomHorizontalFlip" not in names
+    assert "RandomHorizontalFlip" in [
+        type(m).__name__ for m in TrainAugment(AugmentConfig(hflip=True), (24, 24), mean, std).ops
+    ]
+    x = torch.randint(0, 256, (5, 30, 28, 3), dtype=torch.uint8)
+    y = aug(x)
+    assert y.shape == (5, 3, 24, 24) and y.dtype == torch.float32
+    # with every random op off, it is exactly the normalised image
+    plain = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, blur_p=0.0)
+    x = torch.randint(0, 256, (2, 24, 24, 3), dtype=torch.uint8)
+    want = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std
+    ).view(1, 3, 1, 1)
+    torch.testing.assert_close(TrainAugment(plain, (24, 24), mean, std)(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_leave_one_out_metrics_by_hand():
+    # a1 and a2 close, b1 close to a1 but b2 far: identity b's images rank each other last
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.8, 0.3], [-1.0, 0.2]])
+    ids = np.array(["a", "a", "b", "b"], dtype=object)
+    m = leave_one_out_metrics(emb, ids)
+    # a1 -> [a2, b1, b2]: AP 1; a2 -> [a1, b1, ...]: AP 1; b1 -> [a2, a1, b2]: AP 1/3;
+    # b2 -> [b1, ...]: AP 1
+    assert m["n_queries"] == 4
+    assert m["mAP"] == pytest.approx((1 + 1 + 1 / 3 + 1) / 4)
+    assert m["top1"] == pytest.approx(0.75)
+    # a singleton identity is not a query but stays a distractor
+    m = leave_one_out_metrics(emb[:3], ids[:3])
+    assert m["n_queries"] == 2 and m["mAP"] == pytest.approx(1.0)
+    assert leave_one_out_metrics(np.zeros((1, 2)), ["a"])["n_queries"] == 0
+
+
+def _manifest(rows: list[dict]):
+    import pandas as pd
+
+    return validate_manifest(pd.DataFrame(rows), base_dir="/tmp")
+
+
+def test_training_rows_follow_the_split_or_take_every_labelled_row():
+    from reid_ray.train.trainer import class_table, select_training_rows
+
+    rows = [
+        dict(image_id="1", path="a.jpg", identity="x", split="train"),
+        dict(image_id="2", path="b.jpg", identity="y", split="train"),
+        dict(image_id="3", path="c.jpg", identity="", split="train"),
+        dict(image_id="4", path="d.jpg", identity="y", split="val"),
+        dict(image_id="5", path="e.jpg", identity="z", split="query"),
+    ]
+    train, val, counts = select_training_rows(_manifest(rows))
+    assert train["image_id"].to_pylist() == ["1", "2"]
+    assert val["image_id"].to_pylist() == ["4"]
+    assert counts == {"split_used": True, "train_rows": 3, "train_unlabelled_skipped": 1}
+    for r in rows:
+        r["split"] = ""
+    train, val, counts = select_training_rows(_manifest(rows))
+    assert train["image_id"].to_pylist() == ["1", "2", "4", "5"] and val.num_rows == 0
+    assert counts["train_unlabelled_skipped"] == 1
+    classes, n = class_table(train)
+    assert classes == ["x", "y", "z"] and n.tolist() == [1, 2, 1]
+
+
+def test_model_start_from_timm_and_refusals(tmp_path):
+    from reid_ray.models import NetConfig, Preprocess, ReidNet, save_checkpoint
+    from reid_ray.train.trainer import resolve_model
+
+    start = resolve_model(TrainConfig(model="timm:efficientnet_lite0", image_size=64))
+    assert start.kind == "timm" and start.net.embedding_dim == 512 and start.net.pooling == "gem"
+    assert start.preprocess.input_size == (64, 64) and "ImageNet" in start.description
+    assert "random init" in resolve_model(TrainConfig(model="timm:resnet18")).description
+    with pytest.raises(ModelError, match="unknown timm architecture"):
+        resolve_model(TrainConfig(model="timm:no_such_net"))
+    with pytest.raises(ModelError, match="cannot train from"):
+        resolve_model(TrainConfig(model="hf-hub:org/model"))
+
+    net = ReidNet(NetConfig("resnet18", embedding_dim=32))
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, net, Preprocess((48, 48)), {"epoch": 3})
+    start = resolve_model(TrainConfig(model=path))
+    assert start.kind == "checkpoint" and start.net.embedding_dim == 32
+    assert start.preprocess.input_size == (48, 48) and start.state_dict is not None
+    with pytest.raises(ConfigError, match="keeps its network"):
+        resolve_model(TrainConfig(model=path, embedding_dim=64))
+
+
+def test_changed_config_in_the_same_out_is_refused(tmp_path):
+    from reid_ray.train.trainer import _prepare_out
+
+    record = {"train": {"lr": 0.001, "model": "timm:resnet18"}, "n_classes": 5}
+    _prepare_out(str(tmp_path), record, resume=True)
+    _prepare_out(str(tmp_path), record, resume=True)  # same config: fine
+    other = {"train": {"lr": 0.01, "model": "timm:resnet18"}, "n_classes": 5}
+    with pytest.raises(OutputError, match=r"train\.lr.*--no-resume"):
+        _prepare_out(str(tmp_path), other, resume=True)
+    _prepare_out(str(tmp_path), other, resume=False)  # starts over
+    assert json.loads((tmp_path / "train_config.json").read_text())["train"]["lr"] == 0.01
+
+
+# -- Ray Train runs on a tiny toy zoo ------------------------------------------------------
+
+TINY = dict(model="timm:resnet18", image_size=32, embedding_dim=32, batch_size=8, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    """2 species x 10 individuals x 6 images at 64 px (disjoint split: 10 train, 2 val
+    individuals); one corrupt file among the train rows."""
+    from reid_ray.synth import generate_zoo
+
+    out = tmp_path_factory.mktemp("zoo")
+    summary = generate_zoo(str(out), species=2, individuals=20, images_per=6, size=64, seed=3)
+    split = (out / "split.csv").read_text().splitlines()
+    train_id = next(line.split(",")[0] for line in split[1:] if line.endswith(",train"))
+    meta = (out / "metadata.csv").read_text().splitlines()
+    bad = next(line for line in meta if line.startswith(train_id + ","))
+    rel_path = bad.split(",")[1]
+    (out / rel_path).write_bytes(b"this is not a jpeg")
+    return {"manifest": summary.metadata_path, "split": summary.split_path, "corrupt": train_id}
+
+
+@pytest.mark.slow
+def test_two_workers_train_and_the_checkpoint_is_a_model(ray_cluster, tiny_zoo, tmp_path):
+    from reid_ray.models import load
+    from reid_ray.train.trainer import train
+
+    out = str(tmp_path / "run")
+    seen = []
+    summary = train(
+        tiny_zoo["manifest"], out, split_path=tiny_zoo["split"],
+        config=TrainConfig(**TINY, workers=2), progress=seen.append,
+    )  # fmt: skip
+    assert [r["epoch"] for r in seen] == [1, 2]
+    assert summary["epochs_completed"] == 2 and len(summary["val_mAP"]) == 2
+    assert all(math.isfinite(v) for v in summary["train_loss"])
+    assert summary["counts"]["errors"] == 1  # the corrupt image: counted, not lost
+    errors = pa.parquet.read_table(os.path.join(out, "errors.parquet")).to_pylist()
+    assert errors[0]["image_id"] == tiny_zoo["corrupt"] and errors[0]["stage"] == "train"
+    for name in ("model.pt", "metrics.json", "manifest.json"):
+        assert os.path.exists(os.path.join(out, name))
+
+    # the checkpoint (file, or the folder holding it) is a --model: it carries its preprocessing
+    loaded = load(out)
+    assert loaded.preprocess.input_size == (32, 32) and loaded.embedding_dim == 32
+    x = loaded.preprocess.normalize(np.zeros((2, 32, 32, 3), np.uint8))
+    with torch.no_grad():
+        assert loaded.model(x).shape == (2, 32)
+
+    # a rerun of a finished run does nothing
+    again = train(tiny_zoo["manifest"], out, split_path=tiny_zoo["split"], config=TrainConfig(**TINY, workers=2))
+    assert again["skipped"] is True and again["epochs_completed"] == 2
+
+
+@pytest.mark.slow
+def test_one_and_two_workers_both_train(ray_cluster, tiny_zoo, tmp_path):
+    from reid_ray.train.trainer import train
+
+    results = {}
+    for workers in (1, 2):
+        cfg = TrainConfig(**{**TINY, "epochs": 3, "model": "timm:efficientnet_lite0"}, workers=workers)
+        results[workers] = train(
+            tiny_zoo["manifest"], str(tmp_path / f"w{workers}"), split_path=tiny_zoo["split"], config=cfg
+        )
+    for workers, s in results.items():
+        assert s["epochs_completed"] == 3, workers
+        assert s["resources"]["workers"] == workers
+        assert s["train_loss"][-1] < s["train_loss"][0], (workers, s["train_loss"])
+        assert 0.0 < s["best_val_mAP"] <= 1.0
+        # each worker takes an equal share of the epoch's images (DDP needs equal steps)
+        share = s["counts"]["train_images"] // workers
+        assert s["epochs"][0]["steps"] == share // 8
+        assert s["epochs"][0]["images"] == workers * (share // 8) * 8
+
+
+@pytest.mark.slow
+def test_checkpoints_on_s3_and_pk_batches(ray_cluster, tiny_zoo, s3_bucket):
+    from reid_ray import io as rio
+    from reid_ray.models import load
+    from reid_ray.train.trainer import train
+
+    out = f"{s3_bucket}/train"
+    cfg = TrainConfig(**{**TINY, "epochs": 1}, workers=1, sampler="pk", pk_k=2)
+    summary = train(tiny_zoo["manifest"], out, split_path=tiny_zoo["split"], config=cfg)
+    assert summary["epochs_completed"] == 1 and summary["checkpoint"] == f"{out}/model.pt"
+    assert summary["epochs"][0]["steps"] == summary["counts"]["train_images"] // 8
+    assert rio.exists(f"{out}/run/epoch_0001/state.pt")
+    assert rio.read_json(f"{out}/manifest.json")["best_epoch"] == 1
+    loaded = load(f"{out}/model.pt")
+    with torch.no_grad():
+        assert loaded.model(loaded.preprocess.normalize(np.zeros((1, 32, 32, 3), np.uint8))).shape == (1, 32)
+
+
+def _snapshot_epochs(out: str) -> int:
+    path = os.path.join(out, "run", "checkpoint_manager_snapshot.json")
+    try:
+        snap = json.load(open(path))
+    except (OSError, ValueError):
+        return 0
+    latest = snap.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("epoch", 0))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint(tiny_zoo, tmp_path):
+    """Kill the training process after its first checkpoint; the same command finishes the
+    run from there: every epoch once, the early ones from the killed attempt."""
+    out = str(tmp_path / "run")
+    epochs = 4
+    cmd = [
+        sys.executable, os.path.join(REPO, "jobs", "train_arcface.py"),
+        "--manifest", tiny_zoo["manifest"], "--split", tiny_zoo["split"], "--out", out,
+        "--model", TINY["model"], "--image-size", "32", "--embedding-dim", "32",
+        "--batch-size", "8", "--epochs", str(epochs), "--workers", "2",
+    ]  # fmt: skip
+    env = dict(os.environ, RAY_ADDRESS="", RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while _snapshot_epochs(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert _snapshot_epochs(out) >= 1, "no checkpoint within 300 s"
+        killed_after = _snapshot_epochs(out)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: driver and its local Ray
+        proc.wait(timeout=60)
+    assert killed_after < epochs
+    assert not os.path.exists(os.path.join(out, "manifest.json"))  # not complete-looking
+
+    done = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    history = metrics["epochs"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))  # each epoch once
+    assert metrics["resumed"] is True and metrics["epochs_completed"] == epochs
+    first, last = history[0]["attempt"], history[-1]["attempt"]
+    assert first != last  # the early epochs come from the killed process, not redone
+    assert [h["attempt"] for h in history[:killed_after]] == [first] * killed_after
