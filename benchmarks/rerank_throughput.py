@@ -3,12 +3,15 @@
 Measured side by side in one run, for each extractor/matcher configuration, on toy-zoo
 images (real JPEG files):
 
+The in-process variants are timed pair by pair, interleaved (so a burst of load from other
+processes hits all of them alike), and reported as 1 / median time per pair.
+
 * ``raw_matcher``: the matcher call alone on features already in memory (the ceiling);
 * ``naive_per_pair``: what a naive loop does: decode, crop, resize and extract BOTH images
   of every pair, then match;
 * ``cached_cold``: features extracted once per image into the on-disk cache, then each
-  pair reads its two entries and matches (extraction time included, so it depends on the
-  number of pairs per image: see ``pairs_per_image``);
+  pair reads its two entries and matches: the warm cost plus the pair's share of the
+  extraction (median time per image x images / pairs; see ``pairs_per_image``);
 * ``cached_warm``: the cache already filled (a rerun, a second top-K, the calibration
   pairs sharing gallery images): read two entries and match;
 * ``ray_pipeline``: ``reid_ray.rerank.score_pairs`` on the local Ray cluster from a cold
@@ -33,6 +36,14 @@ import tempfile
 import time
 from pathlib import Path
 
+# The in-process loops run with the thread settings of a Ray worker (OMP_NUM_THREADS=1 for
+# BLAS/OpenCV, torch threads set explicitly), so that they compare like with like with the
+# actor pool; unbounded BLAS threads on a busy machine make them many times slower.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402  (after the thread settings above)
+
 RESULTS = Path(__file__).resolve().parent / "results" / "rerank_throughput.json"
 
 
@@ -40,16 +51,23 @@ def _rate(n: int, seconds: float) -> float | None:
     return round(n / seconds, 3) if seconds > 0 and n else None
 
 
+def _per_s(seconds: list[float]) -> float | None:
+    """Pairs/s from per-pair times: 1 / median (robust to load bursts on a shared machine)."""
+    return round(1.0 / float(np.median(seconds)), 3) if seconds else None
+
+
 def bench_config(extractor: str, matcher: str, manifest, pairs, args, workdir: str) -> dict:
+    import cv2
     import pyarrow as pa
     import torch
 
     from reid_ray.rerank import RerankConfig, score_pairs_detailed
-    from reid_ray.rerank.cache import FeatureCache, get_or_extract
+    from reid_ray.rerank.cache import FeatureCache
     from reid_ray.rerank.features import build_extractor, feature_fingerprint, load_prepared
     from reid_ray.rerank.matchers import PairScorer
 
     torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
     cfg = RerankConfig(
         extractor=extractor,
         matcher=matcher,
@@ -65,37 +83,38 @@ def bench_config(extractor: str, matcher: str, manifest, pairs, args, workdir: s
         return extractor_obj.extract(*load_prepared(row, cfg))
 
     images = list(dict.fromkeys([q for q, _ in pairs] + [g for _, g in pairs]))
-    extract(rows[images[0]])  # warm-up (first-call allocations)
-    scorer.score(extract(rows[images[0]]), [extract(rows[images[1]])])
+    scorer.score(extract(rows[images[0]]), [extract(rows[images[1]])])  # warm-up
 
-    # cached, cold: extract once per image into the cache, then read + match every pair
+    # extraction once per image, into the on-disk cache
     cache_dir = os.path.join(workdir, f"cache-{extractor}-{matcher}")
-    t0 = time.perf_counter()
     cache = FeatureCache(cache_dir, feature_fingerprint(cfg))
-    get_or_extract([rows[i] for i in images], extract, cache)
-    t_extract = time.perf_counter() - t0
-    reader = FeatureCache(cache_dir, feature_fingerprint(cfg), memory_items=0)
-    t1 = time.perf_counter()
-    for q, g in pairs:
-        scorer.score(reader.get(q), [reader.get(g)])
-    t_warm = time.perf_counter() - t1
-    t_cold = time.perf_counter() - t0
+    t_images = []
+    for i in images:
+        t0 = time.perf_counter()
+        cache.put(i, extract(rows[i]))
+        t_images.append(time.perf_counter() - t0)
+    feats = {i: cache.get(i) for i in images}
 
-    # raw matcher: features in memory, one call per pair
-    feats = {i: reader.get(i) for i in images}
-    t0 = time.perf_counter()
-    for q, g in pairs:
+    # the per-pair variants interleaved pair by pair, so a load burst hits all of them
+    t_raw, t_warm, t_naive = [], [], []
+    for k, (q, g) in enumerate(pairs):
+        t0 = time.perf_counter()
         scorer.score(feats[q], [feats[g]])
-    t_raw = time.perf_counter() - t0
+        t_raw.append(time.perf_counter() - t0)
+        reader = FeatureCache(cache_dir, feature_fingerprint(cfg), memory_items=0)
+        t0 = time.perf_counter()
+        scorer.score(reader.get(q), [reader.get(g)])
+        t_warm.append(time.perf_counter() - t0)
+        if k < args.naive_pairs:
+            t0 = time.perf_counter()
+            scorer.score(extract(rows[q]), [extract(rows[g])])
+            t_naive.append(time.perf_counter() - t0)
+    extract_per_image = float(np.median(t_images))
+    n = len(pairs)
+    # cold cache: each pair pays the warm cost plus its share of the once-per-image extraction
+    cold_per_pair = float(np.median(t_warm)) + extract_per_image * len(images) / n
 
-    # naive: extract both images for every pair
-    naive = pairs[: args.naive_pairs]
-    t0 = time.perf_counter()
-    for q, g in naive:
-        scorer.score(extract(rows[q]), [extract(rows[g])])
-    t_naive = time.perf_counter() - t0
-
-    # the Ray pipeline, cold cache
+    # the Ray pipeline, cold cache (a separate run: it cannot be interleaved)
     table = pa.table({"query_id": [q for q, _ in pairs], "gallery_id": [g for _, g in pairs]})
     out = os.path.join(workdir, f"ray-{extractor}-{matcher}")
     t0 = time.perf_counter()
@@ -104,18 +123,18 @@ def bench_config(extractor: str, matcher: str, manifest, pairs, args, workdir: s
     )
     t_ray = time.perf_counter() - t0
     st = result.stats
-    n = len(pairs)
     res = {
         "config": f"{extractor}+{matcher}",
         "pairs": n,
         "images": len(images),
         "pairs_per_image": round(n / len(images), 2),
-        "extract_ms_per_image": round(1000 * t_extract / len(images), 1),
+        "extract_ms_per_image": round(1000 * extract_per_image, 1),
+        "match_ms_per_pair": round(1000 * float(np.median(t_raw)), 2),
         "pairs_per_s": {
-            "raw_matcher": _rate(n, t_raw),
-            "naive_per_pair": _rate(len(naive), t_naive),
-            "cached_cold": _rate(n, t_cold),
-            "cached_warm": _rate(n, t_warm),
+            "raw_matcher": _per_s(t_raw),
+            "naive_per_pair": _per_s(t_naive),
+            "cached_cold": round(1.0 / cold_per_pair, 3),
+            "cached_warm": _per_s(t_warm),
             "ray_pipeline": {
                 "match_stage": st.get("pairs_per_s"),
                 "per_actor_second": st.get("pairs_per_actor_s"),
@@ -124,12 +143,13 @@ def bench_config(extractor: str, matcher: str, manifest, pairs, args, workdir: s
                 "cpus_per_actor": st.get("cpus_per_actor"),
             },
         },
-        "naive_pairs_measured": len(naive),
+        "naive_pairs_measured": len(t_naive),
     }
     ps = res["pairs_per_s"]
     if ps["naive_per_pair"]:
         res["speedup_cached_cold_vs_naive"] = round(ps["cached_cold"] / ps["naive_per_pair"], 2)
         res["speedup_cached_warm_vs_naive"] = round(ps["cached_warm"] / ps["naive_per_pair"], 2)
+        res["cached_warm_vs_raw_matcher"] = round(ps["cached_warm"] / ps["raw_matcher"], 3)
     return res
 
 
@@ -140,14 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--naive-pairs", type=int, default=12)
     p.add_argument("--max-keypoints", type=int, default=256)
     p.add_argument("--resize", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--configs", default="aliked:lightglue,disk:lightglue,sift:classical")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-    import numpy as np
     import torch
 
     from reid_ray import io as rio
@@ -195,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_keypoints": args.max_keypoints,
             "resize_long_side": args.resize,
             "torch_threads_in_process": args.threads,
+            "blas_threads_in_process": os.environ.get("OMP_NUM_THREADS"),
             "image_size": 256,
         },
         "machine": {

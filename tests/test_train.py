@@ -12,7 +12,7 @@ import sys
 import time
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -199,7 +199,7 @@ def test_two_workers_train_and_the_checkpoint_is_a_model(ray_cluster, tiny_zoo, 
     assert summary["epochs_completed"] == 2 and len(summary["val_mAP"]) == 2
     assert all(math.isfinite(v) for v in summary["train_loss"])
     assert summary["counts"]["errors"] == 1  # the corrupt image: counted, not lost
-    errors = pa.parquet.read_table(os.path.join(out, "errors.parquet")).to_pylist()
+    errors = pq.read_table(os.path.join(out, "errors.parquet")).to_pylist()
     assert errors[0]["image_id"] == tiny_zoo["corrupt"] and errors[0]["stage"] == "train"
     for name in ("model.pt", "metrics.json", "manifest.json"):
         assert os.path.exists(os.path.join(out, name))

@@ -32,7 +32,8 @@ class EmbedConfig:
     ``batch_size`` images per inference call; ``actors`` size of the inference pool;
     ``cpus_per_actor``/``threads`` CPU share and torch threads of each actor;
     ``decode_cpus`` CPU share of each decode task; ``decode_batch_size`` images per decode
-    task call; ``rows_per_part`` rows per Parquet part (the unit of resume);
+    task call; ``decode_tasks`` most decode tasks at a time (0: the CPUs the actors leave
+    free, divided by ``decode_cpus``); ``rows_per_part`` rows per Parquet part (the unit of resume);
     ``flush_seconds`` a part is also written after this long, so slow runs checkpoint;
     ``device`` auto | cpu | cuda; ``precision`` auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16.
     """
@@ -45,6 +46,7 @@ class EmbedConfig:
     threads: int = 0
     decode_cpus: float = 0.0
     decode_batch_size: int = 0
+    decode_tasks: int = 0
     rows_per_part: int = 2048
     flush_seconds: float = 60.0
     device: str = "auto"
@@ -59,7 +61,7 @@ class EmbedConfig:
             )
         if self.image_size is not None and not (16 <= int(self.image_size) <= 4096):
             raise ConfigError(f"image_size must be between 16 and 4096, got {self.image_size}")
-        for name in ("batch_size", "actors", "threads", "decode_batch_size"):
+        for name in ("batch_size", "actors", "threads", "decode_batch_size", "decode_tasks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0 (0: automatic), got {value!r}")
@@ -100,6 +102,7 @@ class ResourcePlan:
     batch_size: int
     decode_cpus: float
     decode_batch_size: int
+    decode_tasks: int
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +158,8 @@ def plan_resources(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -
             f"no CPU left for decode tasks: {actors} actors x {cpus_per_actor:g} CPUs + "
             f"{decode_cpus:g} per decode task > {cpus:g} CPUs; lower --cpus-per-actor"
         )
+    free = cpus - actors * cpus_per_actor
+    decode_tasks = cfg.decode_tasks or max(1, int(free / decode_cpus + 1e-9))
     return ResourcePlan(
         device=device,
         precision=precision,
@@ -165,4 +170,5 @@ def plan_resources(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -
         batch_size=int(batch),
         decode_cpus=float(decode_cpus),
         decode_batch_size=int(cfg.decode_batch_size or batch),
+        decode_tasks=int(decode_tasks),
     )

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 GREEN, RED, GREY = (40, 170, 40), (210, 40, 40), (140, 140, 140)
 PANEL_H = 240
-MAX_LINES = 150
+MAX_LINES = 60
 
 
 def _fit_height(img: np.ndarray, height: int) -> tuple[np.ndarray, float]:

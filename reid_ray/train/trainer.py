@@ -288,6 +288,43 @@ def _fit_with_progress(trainer, progress: Callable[[dict], None] | None, queue):
     return box["result"]
 
 
+def _make_trainer(loop_cfg: dict, datasets: dict, cfg: TrainConfig, resources: dict, out: str, queue):
+    """The ``TorchTrainer``: DDP workers, checkpoints under ``out/run`` (best + latest kept),
+    restarts from the last checkpoint after a worker crash."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from reid_ray.train.loop import train_loop
+
+    fs, bare = rio.arrow_filesystem(out)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu="GPU" in resources, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=bare,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="score",
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[_ProgressCallback(queue)] if queue is not None else [],
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def _read_checkpoint_file(checkpoint, name: str) -> bytes:
+    with checkpoint.as_directory() as d, open(f"{d}/{name}", "rb") as f:
+        return f.read()
+
+
 def train(
     manifest_path: str,
     out: str,
@@ -306,12 +343,10 @@ def train(
     driver with each epoch's record (epoch, train_loss, val_mAP, ...).
     """
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
     from reid_ray.ray_utils import cluster_gpus, init_ray
-    from reid_ray.train.loop import HISTORY_FILE, train_loop
+    from reid_ray.train.loop import HISTORY_FILE
 
     t_start = time.perf_counter()
     cfg = (config or TrainConfig()).replace(model=model_ref, epochs=epochs, workers=workers)
@@ -392,29 +427,8 @@ def train(
     datasets = {"train": train_ds.randomize_block_order()}
     if loop_cfg["has_val"]:
         datasets["val"] = val_ds
-    fs, bare = rio.arrow_filesystem(out)
     queue = Queue(actor_options={"num_cpus": 0}) if progress else None
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_cfg,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME,
-            storage_path=bare,
-            storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints,
-                checkpoint_score_attribute="score",
-                checkpoint_score_order="max",
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[_ProgressCallback(queue)] if queue is not None else [],
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
+    trainer = _make_trainer(loop_cfg, datasets, cfg, resources, out, queue)
     logger.info(
         "training %s on %d identities, %d images (%d val); %d worker(s) x %s; %d steps/epoch",
         start.description, len(classes), n_train, n_val, cfg.workers, resources, steps_per_epoch,
@@ -432,14 +446,13 @@ def train(
     best_ckpt, best_metrics = max(
         result.best_checkpoints, key=lambda cm: (cm[1].get("score", -math.inf), cm[1].get("epoch", 0))
     )
-    with best_ckpt.as_directory() as d:
-        model_bytes = open(f"{d}/{CHECKPOINT_FILE}", "rb").read()
-    with result.checkpoint.as_directory() as d:
-        history = json.load(open(f"{d}/{HISTORY_FILE}"))
+    history = json.loads(_read_checkpoint_file(result.checkpoint, HISTORY_FILE))
     model_path = rio.join(out, CHECKPOINT_FILE)
-    rio.write_bytes_atomic(model_path, model_bytes)
-    errors_path = rio.join(out, "errors.parquet")
-    rio.write_table_atomic(errors_path, errors_table(errors))
+    rio.write_bytes_atomic(model_path, _read_checkpoint_file(best_ckpt, CHECKPOINT_FILE))
+    # rows the manifest rejected and images that would not decode, with their reasons
+    rio.write_table_atomic(
+        rio.join(out, "errors.parquet"), pa.concat_tables([manifest.errors, errors_table(errors)])
+    )
 
     attempts = sorted({h.get("attempt") for h in history if h.get("attempt")})
     summary = {
