@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
         "what": {
             "raw_matcher": "matcher call alone, features in memory",
             "naive_per_pair": "decode + extract both images for every pair, then match",
-            "cached_cold": "extract once per image into the on-disk cache, then read two entries and match "
-            "per pair; extraction included (depends on pairs_per_image)",
+            "cached_cold": "cached_warm time per pair + the pair's share of the once-per-image "
+            "extraction (median extraction time per image x images / pairs; depends on "
+            "pairs_per_image)",
             "cached_warm": "cache already filled: read two entries and match per pair",
             "ray_pipeline": "score_pairs on the local Ray cluster, cold cache: match_stage = pairs / wall "
             "time of the matching stage (actor start-up included); per_actor_second = pairs / time "

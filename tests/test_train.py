@@ -233,8 +233,8 @@ def test_one_and_two_workers_both_train(ray_cluster, tiny_zoo, tmp_path):
         assert 0.0 < s["best_val_mAP"] <= 1.0
         # each worker takes an equal share of the epoch's images (DDP needs equal steps)
         share = s["counts"]["train_images"] // workers
-        assert s["epochs"][0]["steps"] == share // 8
-        assert s["epochs"][0]["images"] == workers * (share // 8) * 8
+        assert s["history"][0]["steps"] == share // 8
+        assert s["history"][0]["images"] == workers * (share // 8) * 8
 
 
 @pytest.mark.slow
@@ -247,7 +247,7 @@ def test_checkpoints_on_s3_and_pk_batches(ray_cluster, tiny_zoo, s3_bucket):
     cfg = TrainConfig(**{**TINY, "epochs": 1}, workers=1, sampler="pk", pk_k=2)
     summary = train(tiny_zoo["manifest"], out, split_path=tiny_zoo["split"], config=cfg)
     assert summary["epochs_completed"] == 1 and summary["checkpoint"] == f"{out}/model.pt"
-    assert summary["epochs"][0]["steps"] == summary["counts"]["train_images"] // 8
+    assert summary["history"][0]["steps"] == summary["counts"]["train_images"] // 8
     assert rio.exists(f"{out}/run/epoch_0001/state.pt")
     assert rio.read_json(f"{out}/manifest.json")["best_epoch"] == 1
     loaded = load(f"{out}/model.pt")
@@ -297,7 +297,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_zoo, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    history = metrics["epochs"]
+    history = metrics["history"]
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))  # each epoch once
     assert metrics["resumed"] is True and metrics["epochs_completed"] == epochs
     first, last = history[0]["attempt"], history[-1]["attempt"]

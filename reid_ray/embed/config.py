@@ -32,8 +32,9 @@ class EmbedConfig:
     ``batch_size`` images per inference call; ``actors`` size of the inference pool;
     ``cpus_per_actor``/``threads`` CPU share and torch threads of each actor;
     ``decode_cpus`` CPU share of each decode task; ``decode_batch_size`` images per decode
-    task call; ``decode_tasks`` most decode tasks at a time (0: the CPUs the actors leave
-    free, divided by ``decode_cpus``); ``rows_per_part`` rows per Parquet part (the unit of resume);
+    task call; ``decode_tasks`` most decoders at a time (0: the CPUs the inference actors
+    leave free, divided by ``decode_cpus``); ``decode_mode`` actors (long-lived decoder
+    actors, the default) or tasks (one Ray task per block); ``rows_per_part`` rows per Parquet part (the unit of resume);
     ``flush_seconds`` a part is also written after this long, so slow runs checkpoint;
     ``device`` auto | cpu | cuda; ``precision`` auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16.
     """
@@ -47,6 +48,7 @@ class EmbedConfig:
     decode_cpus: float = 0.0
     decode_batch_size: int = 0
     decode_tasks: int = 0
+    decode_mode: str = "actors"
     rows_per_part: int = 2048
     flush_seconds: float = 60.0
     device: str = "auto"
@@ -69,6 +71,8 @@ class EmbedConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0 or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a number >= 0 (0: automatic), got {value!r}")
+        if self.decode_mode not in ("actors", "tasks"):
+            raise ConfigError(f"decode_mode must be actors or tasks, got {self.decode_mode!r}")
         if not isinstance(self.rows_per_part, int) or self.rows_per_part < 1:
             raise ConfigError(f"rows_per_part must be an integer >= 1, got {self.rows_per_part!r}")
         if not self.flush_seconds > 0:
@@ -103,6 +107,7 @@ class ResourcePlan:
     decode_cpus: float
     decode_batch_size: int
     decode_tasks: int
+    decode_mode: str
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,4 +176,5 @@ def plan_resources(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -
         decode_cpus=float(decode_cpus),
         decode_batch_size=int(cfg.decode_batch_size or batch),
         decode_tasks=int(decode_tasks),
+        decode_mode=cfg.decode_mode,
     )

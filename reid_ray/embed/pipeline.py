@@ -1,7 +1,8 @@
-"""Distributed embedding: manifest -> read/decode/resize (CPU tasks) -> Embedder actor pool
--> Parquet parts, streamed; resumable.
+"""Distributed embedding: manifest -> read/decode/crop/resize on CPU workers -> Embedder
+actor pool -> Parquet parts, streamed; resumable.
 
-The Ray wiring is thin: ``reid_ray.data.pipeline.image_dataset`` decodes in CPU tasks,
+The Ray wiring is thin: ``reid_ray.data.pipeline.load_batch`` decodes on CPU workers
+(fractional-CPU decoder actors by default, Ray tasks on request: see ``build_dataset``),
 ``Dataset.map_batches(Embedder, compute=ActorPoolStrategy(...))`` embeds, and the driver
 consumes the stream batch by batch into a ``PartWriter`` (small vectors only; images never
 reach the driver and memory does not grow with the number of images). On a rerun the ids
@@ -121,6 +122,18 @@ def _start_run(out: str) -> None:
             logger.info("removed %d temporary file(s) of an interrupted run in %s", n, folder)
 
 
+class Decoder:
+    """``load_batch`` as a callable class, so decoding runs on long-lived actors."""
+
+    def __init__(self, size, resize_mode: str = "resize", interpolation: str = "bilinear"):
+        self.kwargs = dict(size=tuple(size), resize_mode=resize_mode, interpolation=interpolation)
+
+    def __call__(self, batch):
+        from reid_ray.data.pipeline import load_batch
+
+        return load_batch(batch, **self.kwargs)
+
+
 def build_dataset(
     table: pa.Table,
     model_ref: str,
@@ -133,12 +146,13 @@ def build_dataset(
 ):
     """The lazy Ray Dataset: manifest rows -> decoded images -> Embedder outputs.
 
-    Decoding runs in CPU tasks (``reid_ray.data.pipeline.load_batch``), at most
-    ``plan.decode_tasks`` at a time: without that cap, decode tasks that wait on a slow
-    consumer give their CPU back to Ray, which then starts yet another worker process
-    for the next task; on a small machine the run accumulates dozens of worker processes,
-    each paying a Python start-up (measured: ~1.2 CPU-s per worker, ~20 new workers per
-    2000 images on 2 cores, about a third of the pipeline's CPU).
+    Decoding (``reid_ray.data.pipeline.load_batch``) runs on long-lived CPU workers: an
+    actor pool of ``plan.decode_tasks`` decoders (``plan.decode_mode == "actors"``, the
+    default) or Ray tasks (``"tasks"``). Why actors: each Ray task needs a worker lease,
+    and when a task waits on a slow consumer or the machine is busy Ray starts yet another
+    worker process for the next one; measured on 2 cores under load, a 2000-image run
+    started 13-18 worker processes at ~1.2 CPU-s of Python start-up each, about a fifth of
+    the pipeline's CPU. A decoder actor is started once.
     """
     import ray.data
 
@@ -146,18 +160,29 @@ def build_dataset(
     from reid_ray.embed.embedder import Embedder
 
     ds = manifest_dataset(table, rows_per_block=max(plan.decode_batch_size, 16))
-    ds = ds.map_batches(
-        load_batch,
-        fn_kwargs=dict(
-            size=tuple(preprocess.input_size),
-            resize_mode=preprocess.resize_mode,
-            interpolation=preprocess.interpolation,
-        ),
-        batch_size=plan.decode_batch_size,
-        batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
-        num_cpus=plan.decode_cpus,
+    decode_kwargs = dict(
+        size=tuple(preprocess.input_size),
+        resize_mode=preprocess.resize_mode,
+        interpolation=preprocess.interpolation,
     )
+    if plan.decode_mode == "actors":
+        ds = ds.map_batches(
+            Decoder,
+            fn_constructor_kwargs=decode_kwargs,
+            batch_size=plan.decode_batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.decode_tasks),
+            num_cpus=plan.decode_cpus,
+        )
+    else:
+        ds = ds.map_batches(
+            load_batch,
+            fn_kwargs=decode_kwargs,
+            batch_size=plan.decode_batch_size,
+            batch_format="numpy",
+            compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
+            num_cpus=plan.decode_cpus,
+        )
     return ds.map_batches(
         Embedder,
         fn_constructor_kwargs=dict(

@@ -41,7 +41,7 @@ class RerankConfig:
       ``ransac_threshold`` in pixels of the resized image; ``filter_threshold`` LightGlue's
       match threshold; ``adaptive`` LightGlue's adaptive depth and width.
     Work: ``top_k`` candidates per query re-ranked; ``actors`` (0: one per GPU, else
-      one per 4 CPUs); ``cpus_per_actor``/``gpus_per_actor`` (0: automatic);
+      one single-threaded actor per CPU); ``cpus_per_actor``/``gpus_per_actor`` (0: automatic);
       ``batch_size`` pairs per matcher call; ``queries_per_batch`` queries per Ray batch
       (and per resumable part file); ``cache_dir`` (None: ``<out>/features``); ``device``.
     Fusion: ``calibration`` isotonic | logistic; ``calibration_queries`` and

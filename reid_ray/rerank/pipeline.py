@@ -115,12 +115,14 @@ def read_table(path: str) -> pa.Table:
 
 
 def pool_settings(cfg: RerankConfig) -> dict[str, Any]:
-    """Actor count and resources: one GPU per actor when there are GPUs, else CPU actors
-    with fractional CPUs (whole ones would starve Ray Data's other tasks on small nodes).
+    """Actor count and resources: one GPU per actor when there are GPUs; else one
+    single-threaded actor per CPU, each reserving a fraction of a CPU so that half a CPU
+    stays free for Ray Data's own tasks (whole CPUs per actor starve them on small nodes).
 
     torch/OpenCV threads = the whole CPUs reserved (at least 1), never more: on a busy
     2-core machine LightGlue with 2 threads took 1.5-5 s per pair against 0.14 s with one
-    (OpenMP threads spin when the cores are oversubscribed).
+    (OpenMP threads spin when the cores are oversubscribed), and pairs are independent, so
+    more single-threaded actors use the CPUs better than fewer multi-threaded ones.
     """
     from reid_ray.ray_utils import cluster_cpus, cluster_gpus
 
@@ -134,8 +136,8 @@ def pool_settings(cfg: RerankConfig) -> dict[str, Any]:
         num_cpus = float(cfg.cpus_per_actor or 1.0)
     else:
         num_gpus = 0.0
-        size = cfg.actors or max(1, int(cpus // 4))
-        num_cpus = float(cfg.cpus_per_actor or max(0.5, min(4.0, (cpus - 0.5) / size)))
+        size = cfg.actors or max(1, int(cpus))
+        num_cpus = float(cfg.cpus_per_actor or max(0.25, min(4.0, (cpus - 0.5) / size)))
     return {
         "size": int(size),
         "num_cpus": num_cpus,

@@ -472,7 +472,7 @@ def train(
         "best_val_mAP": best_metrics.get("val_mAP"),
         "val_mAP": [h.get("val_mAP") for h in history],
         "train_loss": [h.get("train_loss") for h in history],
-        "epochs": history,
+        "history": history,
         "counts": {
             **counts,
             "train_images": n_train,
