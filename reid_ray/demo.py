@@ -36,8 +36,8 @@ class DemoPreset:
 
 PRESETS = {
     "tiny": DemoPreset(2, 16, 6, 160, 64, "timm:resnet18", 2, 16, 5, False),
-    "default": DemoPreset(3, 60, 8, 224, 128, "timm:efficientnet_lite0", 8, 32, 10, True),
-    "large": DemoPreset(4, 200, 10, 256, 160, "timm:efficientnet_lite0", 12, 32, 20, True),
+    "default": DemoPreset(3, 90, 10, 256, 128, "timm:efficientnet_lite0", 12, 16, 10, True),
+    "large": DemoPreset(4, 200, 10, 256, 160, "timm:efficientnet_lite0", 16, 16, 20, True),
 }
 
 WEAK_MODEL = "timm:resnet18"  # random init: the weak global model re-ranking must lift
@@ -125,10 +125,16 @@ def run_demo(
         console.rule("[bold]5/5 re-rank the weak model's candidates with local features")
         from reid_ray.rerank import RerankConfig
 
-        classical = RerankConfig(extractor="sift", matcher="classical", top_k=p.rerank_top_k)
+        side = p.zoo_size  # the zoo's crops are already large enough: no upscaling
+        classical = RerankConfig(
+            extractor="sift", matcher="classical", top_k=p.rerank_top_k, resize_long_side=side
+        )
         run_eval("untrained-resnet18+classical", WEAK_MODEL, rerank=classical)
         if p.lightglue:
-            glue = RerankConfig(extractor="aliked", matcher="lightglue", top_k=p.rerank_top_k)
+            glue = RerankConfig(
+                extractor="disk", matcher="lightglue", top_k=p.rerank_top_k,
+                resize_long_side=side, max_keypoints=512,
+            )  # fmt: skip
             run_eval("untrained-resnet18+lightglue", WEAK_MODEL, rerank=glue)
 
     results["seconds"] = round(time.perf_counter() - t_all, 1)
@@ -152,7 +158,7 @@ def _one_line(name: str, m: dict, seconds: float) -> str:
 
 
 def _epoch_line(record: dict) -> str:
-    keys = [k for k in ("epoch", "train_loss", "val_mAP", "val_top1", "seconds") if k in record]
+    keys = [k for k in ("epoch", "train_loss", "val_mAP", "val_top1", "epoch_s") if k in record]
     return "  train " + "  ".join(f"{k} {_fmt(record[k])}" for k in keys)
 
 

@@ -117,6 +117,9 @@ def test_cpu_plan_leaves_cpu_for_decode(cpus):
     assert plan.actors >= 1 and plan.threads >= 1 and plan.batch_size >= 1
     # the inference actors never take every CPU: decode tasks must be schedulable
     assert plan.actors * plan.cpus_per_actor + plan.decode_cpus <= cpus
+    assert plan.decode_tasks >= 1
+    free = cpus - plan.actors * plan.cpus_per_actor
+    assert plan.decode_tasks * plan.decode_cpus <= free + 1e-9
     assert plan.threads >= int(plan.cpus_per_actor)
 
 
@@ -146,6 +149,8 @@ def test_plan_overrides_and_invalid_settings():
         EmbedConfig(batch_size=-1)
     with pytest.raises(ConfigError, match="device"):
         EmbedConfig(device="tpu")
+    with pytest.raises(ConfigError, match="decode_mode"):
+        EmbedConfig(decode_mode="threads")
     with pytest.raises(ConfigError, match="unknown embed setting"):
         EmbedConfig.from_dict({"batchsize": 3})
 
@@ -270,6 +275,7 @@ def _all_rows(out: str) -> pa.Table:
     return pa.concat_tables([read_part(p) for p in parts])
 
 
+@pytest.mark.slow
 def test_pipeline_embeds_good_rows_and_records_bad_ones(ray_cluster, zoo, tmp_path, embedder):
     from reid_ray.embed import embed
 
@@ -303,8 +309,9 @@ def test_pipeline_embeds_good_rows_and_records_bad_ones(ray_cluster, zoo, tmp_pa
     assert info["model"]["fingerprint"] == summary.fingerprint
     assert info["plan"]["actors"] >= 1 and info["timings"]["images_per_second"] > 0
 
-    # rerun: nothing embedded twice, the bad rows are tried again and still counted
-    again = embed(str(path), MODEL, out, cfg)
+    # rerun (decoding in Ray tasks this time): nothing embedded twice, the bad rows are
+    # tried again and still counted
+    again = embed(str(path), MODEL, out, cfg.replace(decode_mode="tasks"))
     assert again.n_embedded == 0 and again.n_already_embedded == len(good_ids)
     assert again.n_errors == 4
     rows = _all_rows(out)
@@ -384,6 +391,7 @@ def test_resume_after_the_job_is_killed(ray_cluster, tmp_path):
     assert rio.read_json(rio.join(out, "manifest.json"))["counts"]["total_embedded"] == len(all_ids)
 
 
+@pytest.mark.slow
 def test_s3_input_and_output(ray_cluster, zoo, s3_bucket, embedder):
     """Manifest and images on an S3 server, embeddings written back to S3, rerun resumes."""
     from reid_ray.embed import embed

@@ -87,7 +87,10 @@ def embed_command(
     actors: int = typer.Option(0, help="Inference actors (0: one per GPU, or per 8 CPUs)."),
     cpus_per_actor: float = typer.Option(0.0, help="CPUs per inference actor (0: automatic)."),
     threads: int = typer.Option(0, help="Torch threads per actor (0: its CPU share)."),
-    decode_cpus: float = typer.Option(0.0, help="CPUs per decode task (0: automatic)."),
+    decode_cpus: float = typer.Option(0.0, help="CPUs per decoder (0: automatic)."),
+    decode_mode: str = typer.Option(
+        "actors", help="Decode on long-lived actors (default) or in Ray tasks ('tasks')."
+    ),
     rows_per_part: int = typer.Option(2048, help="Rows per Parquet part (the resume unit)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (fp16 on GPU), fp32 or fp16."),
@@ -110,6 +113,7 @@ def embed_command(
         cpus_per_actor=cpus_per_actor,
         threads=threads,
         decode_cpus=decode_cpus,
+        decode_mode=decode_mode,
         rows_per_part=rows_per_part,
         device=device,
         precision=precision,
