@@ -217,7 +217,12 @@ def render_report(results: dict, rows) -> str:
     train = results["stages"].get("train")
     if train:
         s = train["summary"]
-        lines += ["", f"Training: {train['seconds']} s; summary keys: {', '.join(sorted(s))}."]
+        lines += [
+            "",
+            f"Training (Ray Train, 2 workers, sub-centre ArcFace with dynamic margins): "
+            f"{train['seconds']} s; best epoch {s.get('best_epoch')} "
+            f"(validation mAP {_fmt(s.get('best_val_mAP'))}); checkpoint `{s.get('checkpoint')}`.",
+        ]
         history = s.get("history") or s.get("epochs_history") or []
         if history:
             lines += ["", "| epoch | train loss | val mAP |", "|---|---|---|"]
