@@ -22,6 +22,18 @@ from reid_ray.rerank.features import (
 from reid_ray.rerank.matchers import PairScorer, build_lightglue, preserved_torch_flags
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch thread, as in the actors: on a shared 2-core machine two OpenMP threads
+    make LightGlue many times slower (they spin while the other cores are busy)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     from reid_ray.synth import generate_zoo
