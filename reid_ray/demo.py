@@ -131,9 +131,12 @@ def run_demo(
         )
         run_eval("untrained-resnet18+classical", WEAK_MODEL, rerank=classical)
         if p.lightglue:
+            # LightGlue costs ~0.2-0.5 s per pair on 2 CPU cores: a shorter list keeps the
+            # demo within minutes (the classical matcher above re-ranks the full top-K).
+            short = max(1, p.rerank_top_k // 2)
             glue = RerankConfig(
-                extractor="disk", matcher="lightglue", top_k=p.rerank_top_k,
-                resize_long_side=side, max_keypoints=512,
+                extractor="disk", matcher="lightglue", top_k=short, calibration_top_k=short,
+                resize_long_side=side, max_keypoints=256,
             )  # fmt: skip
             run_eval("untrained-resnet18+lightglue", WEAK_MODEL, rerank=glue)
 
