@@ -12,6 +12,7 @@ already embedded with the same model are skipped; rows that failed before are re
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -159,7 +160,9 @@ def build_dataset(
     from reid_ray.data.pipeline import load_batch, manifest_dataset
     from reid_ray.embed.embedder import Embedder
 
-    ds = manifest_dataset(table, rows_per_block=max(plan.decode_batch_size, 16))
+    rows_per_block = max(plan.decode_batch_size, 16)
+    ds = manifest_dataset(table, rows_per_block=rows_per_block)
+    n_decoders = max(1, min(plan.decode_tasks, math.ceil(table.num_rows / rows_per_block)))
     decode_kwargs = dict(
         size=tuple(preprocess.input_size),
         resize_mode=preprocess.resize_mode,
@@ -171,7 +174,7 @@ def build_dataset(
             fn_constructor_kwargs=decode_kwargs,
             batch_size=plan.decode_batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.decode_tasks),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_decoders),
             num_cpus=plan.decode_cpus,
         )
     else:
@@ -180,7 +183,7 @@ def build_dataset(
             fn_kwargs=decode_kwargs,
             batch_size=plan.decode_batch_size,
             batch_format="numpy",
-            compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
+            compute=ray.data.TaskPoolStrategy(size=n_decoders),
             num_cpus=plan.decode_cpus,
         )
     return ds.map_batches(
