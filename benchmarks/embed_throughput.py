@@ -159,7 +159,7 @@ def child_main(args: argparse.Namespace) -> None:
 
     from reid_ray.embed import EmbedConfig
     from reid_ray.embed.pipeline import embed
-    from reid_ray.ray_utils import configure_data_context
+    from reid_ray.runtime import configure_data_context
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(

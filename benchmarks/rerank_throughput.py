@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from reid_ray import io as rio
     from reid_ray.data import read_manifest
-    from reid_ray.ray_utils import init_ray
+    from reid_ray.runtime import init_ray
     from reid_ray.synth import generate_zoo
 
     workdir = tempfile.mkdtemp(prefix="rr-rerank-bench-")

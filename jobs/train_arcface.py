@@ -15,7 +15,7 @@ import sys
 
 import typer
 
-from reid_ray.cli import setup_logging
+from reid_ray.console import setup_logging
 from reid_ray.errors import ReidRayError
 from reid_ray.train.commands import train_command
 

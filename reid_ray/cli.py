@@ -8,8 +8,6 @@ clear message and exit status 2.
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 import sys
 
 import typer
@@ -35,19 +33,14 @@ STAGE_COMMANDS = [
 ]
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """The CLI owns the output: rich logs for reid_ray, warnings only from the rest."""
-    from rich.logging import RichHandler
-
-    level = logging.DEBUG if verbose else logging.INFO
-    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
-    logging.getLogger("reid_ray").setLevel(level)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def _main(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Debug logging; Ray's own logs on the terminal too."
+    ),
+) -> None:
+    from reid_ray.console import setup_logging
+
     setup_logging(verbose)
 
 

@@ -64,7 +64,7 @@ def run_demo(
         raise ConfigError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
     p = replace(PRESETS[preset], **(overrides or {}))
     console = _console()
-    from reid_ray.ray_utils import init_ray
+    from reid_ray.runtime import init_ray
 
     t_all = time.perf_counter()
     rio.makedirs(out)

@@ -44,7 +44,7 @@ def ray_cluster(s3_server):
         log_to_driver=False,
         configure_logging=False,
     )
-    from reid_ray.ray_utils import configure_data_context
+    from reid_ray.runtime import configure_data_context
 
     configure_data_context()
     yield ray

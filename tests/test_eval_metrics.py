@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from reid_ray.errors import ConfigError
-from reid_ray.eval.metrics import (
+from reid_ray.evaluation.metrics import (
     cluster_metrics,
     open_set_metrics,
     predict_with_threshold,

@@ -83,7 +83,7 @@ def test_metrics_agree_with_brute_force(evaluated, zoo):
     """Recompute from the stored embeddings with dense numpy: same retrieval metrics, and
     the same threshold from the gallery alone (the queries play no part in it)."""
     from reid_ray.embed import read_embeddings
-    from reid_ray.eval.metrics import (
+    from reid_ray.evaluation.metrics import (
         open_set_metrics,
         predict_with_threshold,
         retrieval_metrics_from_similarity,

@@ -1,4 +1,4 @@
-"""Manifests and images: reading, validating, decoding (local paths and s3://)."""
+"""Manifests, split files and images: reading, validating, decoding (local paths and s3://)."""
 
 from reid_ray.data.images import crop_bbox, decode_image, load_image, resize_image
 from reid_ray.data.manifest import (
@@ -11,18 +11,24 @@ from reid_ray.data.manifest import (
     read_manifest,
     validate_manifest,
 )
+from reid_ray.data.splits import SPLIT_KINDS, SPLIT_NAMES, make_split, read_split, write_split
 
 __all__ = [
     "ERRORS_SCHEMA",
     "MANIFEST_SCHEMA",
+    "SPLIT_KINDS",
+    "SPLIT_NAMES",
     "Manifest",
     "crop_bbox",
     "decode_image",
     "empty_errors",
     "errors_table",
     "load_image",
+    "make_split",
     "parse_bbox",
     "read_manifest",
+    "read_split",
     "resize_image",
     "validate_manifest",
+    "write_split",
 ]

@@ -271,7 +271,7 @@ def validate_manifest(
 
 def apply_split(manifest: Manifest, split_file: str) -> Manifest:
     """Set each row's ``split`` from a split file (``image_id,split``); rows not named: null."""
-    from reid_ray.eval.splits import read_split
+    from reid_ray.data.splits import read_split
 
     split = read_split(split_file)
     mapping = dict(zip(split["image_id"].astype(str), split["split"], strict=True))

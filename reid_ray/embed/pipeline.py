@@ -226,7 +226,7 @@ def embed_manifest(
     """
     from reid_ray.embed.embedder import embedding_key
     from reid_ray.models import load
-    from reid_ray.ray_utils import cluster_cpus, cluster_gpus, init_ray
+    from reid_ray.runtime import cluster_cpus, cluster_gpus, init_ray
 
     cfg = cfg or EmbedConfig()
     if not isinstance(cfg, EmbedConfig):

@@ -1,16 +1,29 @@
-"""The evaluate pipeline: embed + index + search + metrics on a split.
+"""Evaluation: the metrics (mAP, CMC, BAKS/BAUS, AUROC, cluster metrics) and the protocol.
 
-``evaluate`` (``protocol.py``) is callable from Python and behind ``reid-ray evaluate``;
-pure metrics live in ``reid_ray.eval``, this package ties the stages together.
+``metrics.py`` holds pure functions over numpy (no Ray, nothing heavy imported);
+``protocol.py`` runs the benchmark protocol (embed + index + search [+ re-rank] + metrics)
+behind ``reid-ray evaluate``. Names are imported on first use.
 """
+
+import importlib
+
+_EXPORTS = {
+    "cluster_metrics": "metrics",
+    "open_set_metrics": "metrics",
+    "predict_with_threshold": "metrics",
+    "retrieval_metrics": "metrics",
+    "retrieval_metrics_from_similarity": "metrics",
+    "select_threshold_loo": "metrics",
+    "evaluate": "protocol",
+    "score_ranking": "protocol",
+}
 
 
 def __getattr__(name: str):
-    if name in ("evaluate", "score_ranking"):
-        from reid_ray.evaluation import protocol
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reid_ray.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"reid_ray.evaluation.{module}"), name)
 
-        return getattr(protocol, name)
-    raise AttributeError(f"module 'reid_ray.evaluation' has no attribute {name!r}")
 
-
-__all__ = ["evaluate", "score_ranking"]
+__all__ = sorted(_EXPORTS)

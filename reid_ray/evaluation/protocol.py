@@ -11,7 +11,7 @@ searches every query (top ``k``, default 100) and writes:
   counts, the model, timings and how the threshold was chosen.
 
 The open-set threshold is chosen without looking at the queries: leave-one-out on the
-gallery (``reid_ray.eval.metrics.select_threshold_loo`` over each gallery item's
+gallery (``reid_ray.evaluation.metrics.select_threshold_loo`` over each gallery item's
 neighbours among the other gallery items), exactly what a nightly job without labels can do.
 """
 
@@ -62,7 +62,7 @@ def score_ranking(
     ``scores``/``cand_ids``: [Q, K] best first (``-inf``/``None`` pads); ``identity_of``
     maps image ids to identities; ``gallery_identities``: identity of every indexed item.
     """
-    from reid_ray.eval.metrics import open_set_metrics, predict_with_threshold, retrieval_metrics
+    from reid_ray.evaluation.metrics import open_set_metrics, predict_with_threshold, retrieval_metrics
 
     qids = np.asarray(query_ids, dtype=object)
     true = _identities(qids, identity_of)
@@ -191,7 +191,7 @@ def evaluate(
     from reid_ray.data.manifest import Manifest
     from reid_ray.embed import EmbedConfig, read_embeddings
     from reid_ray.embed.pipeline import embed_manifest
-    from reid_ray.eval.metrics import select_threshold_loo
+    from reid_ray.evaluation.metrics import select_threshold_loo
     from reid_ray.index import DEFAULT_EXACT_THRESHOLD, build_index, search
 
     if k < 1:

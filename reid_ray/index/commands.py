@@ -8,7 +8,7 @@ from reid_ray.errors import ConfigError
 
 
 def _splits(text: str) -> tuple[str, ...]:
-    from reid_ray.eval.splits import SPLIT_NAMES
+    from reid_ray.data.splits import SPLIT_NAMES
 
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in names if s not in SPLIT_NAMES]

@@ -124,7 +124,7 @@ def pool_settings(cfg: RerankConfig) -> dict[str, Any]:
     (OpenMP threads spin when the cores are oversubscribed), and pairs are independent, so
     more single-threaded actors use the CPUs better than fewer multi-threaded ones.
     """
-    from reid_ray.ray_utils import cluster_cpus, cluster_gpus
+    from reid_ray.runtime import cluster_cpus, cluster_gpus
 
     cpus = cluster_cpus()
     gpus = 0.0 if cfg.device == "cpu" else cluster_gpus()
@@ -399,7 +399,7 @@ def score_pairs_detailed(
     import pandas as pd
 
     from reid_ray.data import errors_table
-    from reid_ray.ray_utils import init_ray
+    from reid_ray.runtime import init_ray
     from reid_ray.rerank.cache import FeatureCache
     from reid_ray.rerank.features import feature_fingerprint
 

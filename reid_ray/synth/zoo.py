@@ -551,7 +551,7 @@ def individuals_per_species(individuals: int, species: int) -> list[int]:
 
 
 def _check_args(species, individuals, images_per, size, seed, split_kind) -> None:
-    from reid_ray.eval.splits import SPLIT_KINDS
+    from reid_ray.data.splits import SPLIT_KINDS
 
     for name, value, low in (("species", species, 1), ("individuals", individuals, 1),
                              ("images_per", images_per, 1), ("size", size, 32),
@@ -656,7 +656,7 @@ def _render_with_ray(out, keys, images_per, size, seed, sink, bar) -> list[dict]
     the zoo. Rows come back in key order."""
     import ray
 
-    from reid_ray.ray_utils import cluster_cpus, init_ray
+    from reid_ray.runtime import cluster_cpus, init_ray
 
     init_ray()
     per_chunk = max(1, RAY_CHUNK_IMAGES // images_per)
@@ -687,7 +687,7 @@ def generate_zoo(out: str, *, species: int = 3, individuals: int = 30, images_pe
                  progress: bool = False) -> ZooSummary:
     """Write a toy zoo under ``out``: ``images/<identity>/<image_id>.jpg``, ``metadata.csv``
     (image_id, path relative to ``out``, identity, species, viewpoint, bbox "x,y,w,h",
-    date), ``split.csv`` (image_id, split; :func:`reid_ray.eval.splits.make_split` of
+    date), ``split.csv`` (image_id, split; :func:`reid_ray.data.splits.make_split` of
     ``split_kind``) and ``zoo.json`` (the parameters and counts).
 
     ``individuals`` is the total over ``species`` species (spread evenly); each gets
@@ -697,7 +697,7 @@ def generate_zoo(out: str, *, species: int = 3, individuals: int = 30, images_pe
     """
     from tqdm.auto import tqdm
 
-    from reid_ray.eval.splits import make_split, write_split
+    from reid_ray.data.splits import make_split, write_split
 
     _check_args(species, individuals, images_per, size, seed, split_kind)
     t0 = time.perf_counter()

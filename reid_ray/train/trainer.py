@@ -184,7 +184,7 @@ def decoded_dataset(table: pa.Table, preprocess: Preprocess, size: int, class_in
 
 def _auto_cpus_per_worker(workers: int, use_gpu: bool) -> float:
     """Share the cluster's CPUs, leaving half a core for Ray Data and the driver."""
-    from reid_ray.ray_utils import cluster_cpus
+    from reid_ray.runtime import cluster_cpus
 
     cpus = cluster_cpus()
     share = (cpus - 0.5) / workers
@@ -345,7 +345,7 @@ def train(
     import ray
     from ray.util.queue import Queue
 
-    from reid_ray.ray_utils import cluster_gpus, init_ray
+    from reid_ray.runtime import cluster_gpus, init_ray
     from reid_ray.train.loop import HISTORY_FILE
 
     t_start = time.perf_counter()

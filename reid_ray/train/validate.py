@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from reid_ray.eval.metrics import retrieval_metrics
+from reid_ray.evaluation.metrics import retrieval_metrics
 
 
 def leave_one_out_metrics(
