@@ -7,8 +7,8 @@ import hashlib
 import pandas as pd
 import pytest
 
-from reid_ray.errors import ConfigError, ReidRayError
 from reid_ray.data.splits import SPLIT_NAMES, make_split, read_split, write_split
+from reid_ray.errors import ConfigError, ReidRayError
 
 
 def _metadata(n_identities: int = 20, per_identity: int = 5) -> pd.DataFrame:

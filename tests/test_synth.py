@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reid_ray.errors import ConfigError
 from reid_ray.data.splits import SPLIT_NAMES
+from reid_ray.errors import ConfigError
 from reid_ray.synth import ZooSummary, generate_zoo, sample_grid
 from reid_ray.synth import zoo as zoo_mod
 

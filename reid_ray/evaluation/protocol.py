@@ -62,7 +62,11 @@ def score_ranking(
     ``scores``/``cand_ids``: [Q, K] best first (``-inf``/``None`` pads); ``identity_of``
     maps image ids to identities; ``gallery_identities``: identity of every indexed item.
     """
-    from reid_ray.evaluation.metrics import open_set_metrics, predict_with_threshold, retrieval_metrics
+    from reid_ray.evaluation.metrics import (
+        open_set_metrics,
+        predict_with_threshold,
+        retrieval_metrics,
+    )
 
     qids = np.asarray(query_ids, dtype=object)
     true = _identities(qids, identity_of)

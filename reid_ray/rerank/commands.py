@@ -142,7 +142,6 @@ def run_rerank(
     from reid_ray import io as rio
     from reid_ray.data import read_manifest
     from reid_ray.errors import ConfigError
-    from reid_ray.runtime import init_ray
     from reid_ray.rerank.config import load_rerank_config
     from reid_ray.rerank.fusion import FusionModel
     from reid_ray.rerank.pipeline import (
@@ -153,6 +152,7 @@ def run_rerank(
         score_pairs_detailed,
         top_predictions,
     )
+    from reid_ray.runtime import init_ray
 
     t0 = time.perf_counter()
     cfg = load_rerank_config(config, **(overrides or {}))

@@ -399,9 +399,9 @@ def score_pairs_detailed(
     import pandas as pd
 
     from reid_ray.data import errors_table
-    from reid_ray.runtime import init_ray
     from reid_ray.rerank.cache import FeatureCache
     from reid_ray.rerank.features import feature_fingerprint
+    from reid_ray.runtime import init_ray
 
     t_start = time.perf_counter()
     _require_columns(pairs, ("query_id", "gallery_id"), "the pairs table")

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from reid_ray import io
-from reid_ray.evaluation.metrics import retrieval_metrics_from_similarity
 from reid_ray.data.splits import read_split
+from reid_ray.evaluation.metrics import retrieval_metrics_from_similarity
 
 
 def query_gallery(zoo_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
