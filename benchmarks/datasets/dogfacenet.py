@@ -92,8 +92,15 @@ def extract(gdir: str, images: pd.DataFrame, out: str) -> int:
     return len(todo)
 
 
-def build(repo: str, out: str, *, seed: int = 0, unknown_fraction: float = 0.2,
-          train_fraction: float = 0.5, val_fraction: float = 0.05) -> dict:
+def build(
+    repo: str,
+    out: str,
+    *,
+    seed: int = 0,
+    unknown_fraction: float = 0.2,
+    train_fraction: float = 0.5,
+    val_fraction: float = 0.05,
+) -> dict:
     """Extract, write the manifest and the split; returns the counts."""
     gdir = git_dir(repo)
     images = list_images(gdir)
@@ -101,7 +108,10 @@ def build(repo: str, out: str, *, seed: int = 0, unknown_fraction: float = 0.2,
     n_new = extract(gdir, images, out)
     manifest = pd.DataFrame(
         {
-            "image_id": "dog" + images["identity"] + "-" + images["file"].str.rsplit(".", n=1).str[0],
+            "image_id": "dog"
+            + images["identity"]
+            + "-"
+            + images["file"].str.rsplit(".", n=1).str[0],
             "path": "images/" + images["identity"] + "/" + images["file"],
             "identity": "dog" + images["identity"],
             "species": "dog",
@@ -133,7 +143,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", required=True, help="Bare mirror or checkout of the repository.")
-    parser.add_argument("--out", default="/work/data/dogfacenet", help="Data folder (not the repo).")
+    parser.add_argument(
+        "--out", default="/work/data/dogfacenet", help="Data folder (not the repo)."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unknown-fraction", type=float, default=0.2)
     args = parser.parse_args()
