@@ -1,0 +1,49 @@
+"""Active learning for re-identification: complementary clusterings, ambiguity-aware pair
+sampling, must-link / cannot-link answers and constrained refinement of pseudo-labels.
+
+Pure parts (no Ray): ``graph`` (FAISS k-NN graph, sparse Jaccard distances),
+``clustering`` (DBSCAN/FINCH/k-means, USL pseudo-labels), ``samplers`` (budgets,
+random/margin/aas), ``constraints`` (refinement), ``oracle`` (simulated oracle, the pairs
+and answers files), ``annotate`` (the local annotation page). ``runner`` drives the rounds
+(embed, cluster, sample, ask, refine, fine-tune, evaluate) through the other stages'
+public entry points. Names are imported on first use.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "KnnGraph": "graph",
+    "jaccard_distance": "graph",
+    "knn_graph": "graph",
+    "ClusterConfig": "clustering",
+    "Clusterings": "clustering",
+    "cluster_all": "clustering",
+    "dbscan_jaccard": "clustering",
+    "finch": "clustering",
+    "kmeans": "clustering",
+    "usl_pseudo_labels": "clustering",
+    "RefineResult": "constraints",
+    "refine": "constraints",
+    "SAMPLERS": "samplers",
+    "budget_pairs": "samplers",
+    "parse_budget": "samplers",
+    "sample_pairs": "samplers",
+    "split_budget": "samplers",
+    "AnswersReport": "oracle",
+    "SimulatedOracle": "oracle",
+    "read_answers": "oracle",
+    "write_pairs_file": "oracle",
+    "ALConfig": "config",
+    "load_al_config": "config",
+    "run_al": "runner",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reid_ray.active' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"reid_ray.active.{module}"), name)
+
+
+__all__ = sorted(_EXPORTS)
