@@ -7,8 +7,10 @@ clear message and exit status 2.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
+from collections.abc import Callable
 
 import typer
 
@@ -30,7 +32,23 @@ STAGE_COMMANDS = [
     ("evaluate", "reid_ray.evaluation.commands", "evaluate_command"),
     ("train", "reid_ray.train.commands", "train_command"),
     ("rerank", "reid_ray.rerank.commands", "rerank_command"),
+    ("benchmark", "reid_ray.benchmark.commands", "benchmark_command"),
+    ("al", "reid_ray.active.commands", "al_command"),
 ]
+
+
+def quiet_ray(command: Callable) -> Callable:
+    """Run ``command`` with Ray's own INFO logging in ``<out>/logs/ray.log`` (its path
+    printed once) instead of on the terminal; ``--verbose`` leaves it on the terminal."""
+
+    @functools.wraps(command)  # typer reads the options from the wrapped signature
+    def run(*args, **kwargs):
+        from reid_ray.console import ray_log_path, route_ray_logs
+
+        route_ray_logs(ray_log_path(kwargs.get("out") or kwargs.get("gallery")))
+        return command(*args, **kwargs)
+
+    return run
 
 
 @app.callback()
@@ -82,6 +100,7 @@ def synth_command(
 
 
 @app.command("demo")
+@quiet_ray
 def demo_command(
     out: str = typer.Option(
         "demo-out", help="Output folder: report.md, metrics.json and every stage's outputs."
@@ -105,7 +124,7 @@ def _register_stage_commands() -> None:
             if exc.name and module_name.startswith(exc.name):
                 continue  # stage not built yet
             raise
-        app.command(name)(getattr(module, attr))
+        app.command(name)(quiet_ray(getattr(module, attr)))
 
 
 _register_stage_commands()

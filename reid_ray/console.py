@@ -24,7 +24,7 @@ ProgressFn = Callable[[str, int, int], None]
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.serve")
 
-_state: dict[str, Any] = {"verbose": False, "log_file": None, "console": None}
+_state: dict[str, Any] = {"verbose": False, "log_file": None, "console": None, "file_handler": None}
 
 
 def console():
@@ -53,43 +53,97 @@ def setup_logging(verbose: bool = False) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
+#: Ray warnings that describe a default or a setting of ours, not a problem: file only
+ROUTINE_NOTICES = (
+    "ray._private.authentication.authentication_token_setup",  # token auth on (the default)
+    "ray.data._internal.progress",  # "progress bars disabled" (ours replace them)
+)
+
+
+class _ToFileOnly(logging.Filter):
+    """Keep a record off the terminal; hand it to the log file's handler instead."""
+
+    def __init__(self, file_handler: logging.Handler | None = None) -> None:
+        super().__init__()
+        self.file_handler = file_handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(ROUTINE_NOTICES):
+            return True
+        if self.file_handler is not None and record.levelno >= self.file_handler.level:
+            self.file_handler.handle(record)
+        return False
+
+
 def route_ray_logs(log_file: str | None) -> str | None:
     """Send Ray's own loggers to ``log_file`` (INFO and up); keep only their warnings on
-    the terminal. With ``verbose`` logging nothing is rerouted. Returns the file used."""
-    if _state["verbose"] or not log_file:
+    the terminal (less :data:`ROUTINE_NOTICES`). With ``verbose`` nothing is rerouted.
+
+    ``ray.init`` drops the handlers of the ``ray`` logger: :func:`reid_ray.runtime.init_ray`
+    calls this again afterwards (``log_file`` None re-applies the current file). The path
+    is printed once. Returns the file used.
+    """
+    if _state["verbose"]:
         return None
     from reid_ray import io as rio
 
-    if rio.is_remote(log_file):
+    log_file = log_file or _state["log_file"]
+    if not log_file or rio.is_remote(log_file):
         return None
-    if _state["log_file"] == os.path.abspath(log_file):
-        return _state["log_file"]
-    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-    file_handler = logging.FileHandler(log_file)
-    file_handler.setLevel(logging.INFO)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    path = os.path.abspath(log_file)
+    # Ray and Ray Data install their terminal handlers on import: import them first, so
+    # the handlers exist when they are turned down to warnings below
+    import ray  # noqa: F401
+    import ray.data  # noqa: F401
+
+    file_handler = _state.get("file_handler")
+    if file_handler is None or _state["log_file"] != path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        file_handler = logging.FileHandler(path)
+        file_handler.setLevel(logging.INFO)
+        file_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+        )
+        file_handler._reid_ray = True  # type: ignore[attr-defined]
     for name in RAY_LOGGERS:
         lg = logging.getLogger(name)
         for h in list(lg.handlers):
-            if isinstance(h, logging.FileHandler) and getattr(h, "_reid_ray", False):
+            if getattr(h, "_reid_ray", False) and h is not file_handler:
                 lg.removeHandler(h)
                 h.close()
-        # Ray installs its own stream handlers on import: keep only their warnings
         for h in lg.handlers:
             if not isinstance(h, logging.FileHandler):
                 h.setLevel(logging.WARNING)
-    file_handler._reid_ray = True  # type: ignore[attr-defined]
-    top = logging.getLogger("ray")
-    top.addHandler(file_handler)
-    top.setLevel(logging.INFO)
-    for name in RAY_LOGGERS[1:]:
-        lg = logging.getLogger(name)
+                h.filters = [f for f in h.filters if not isinstance(f, _ToFileOnly)]
+                h.addFilter(_ToFileOnly(file_handler))
         lg.setLevel(logging.INFO)
-        if not lg.propagate:
+        if (name == "ray" or not lg.propagate) and file_handler not in lg.handlers:
             lg.addHandler(file_handler)
-    _state["log_file"] = os.path.abspath(log_file)
-    console().print(f"[dim]Ray logs: {_state['log_file']}[/dim]", highlight=False)
-    return _state["log_file"]
+    # records Ray logs while its handlers are cleared (inside ray.init) fall to Python's
+    # last-resort handler: filter the routine ones at their own loggers
+    for name in ROUTINE_NOTICES:
+        lg = logging.getLogger(name)
+        lg.filters = [f for f in lg.filters if not isinstance(f, _ToFileOnly)]
+        lg.addFilter(_ToFileOnly(file_handler))
+    first = _state["log_file"] != path
+    _state["log_file"], _state["file_handler"] = path, file_handler
+    if first:
+        console().print(f"[dim]Ray logs: {path}[/dim]", highlight=False)
+    return path
+
+
+def ray_log_path(out: str | None) -> str:
+    """Where a command writing to ``out`` keeps Ray's logs: ``<out>/logs/ray.log``, or a
+    local file under the temp folder when ``out`` is an object store (or not given)."""
+    import tempfile
+    import time
+
+    from reid_ray import io as rio
+
+    if out and not rio.is_remote(out):
+        return os.path.join(os.path.abspath(out), "logs", "ray.log")
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    return os.path.join(tempfile.gettempdir(), "reid-ray-logs", f"ray-{stamp}-{os.getpid()}.log")
 
 
 @contextlib.contextmanager
@@ -161,6 +215,7 @@ __all__ = [
     "console",
     "metrics_table",
     "progress",
+    "ray_log_path",
     "route_ray_logs",
     "setup_logging",
     "stage_progress",

@@ -71,6 +71,7 @@ def init_ray(
             object_store_memory=object_store_memory,
             **kwargs,
         )
+    route_ray_logs(None)  # ray.init dropped the handlers of the "ray" logger
     configure_data_context()
     logger.debug("Ray cluster resources: %s", ray.cluster_resources())
 

@@ -21,21 +21,18 @@ from reid_ray import io as rio
 from reid_ray.embed import (
     EmbedConfig,
     embeddings_table,
+    load_embed_config,
     plan_resources,
     read_embeddings,
     read_errors,
     scan_existing,
 )
-from reid_ray.embed.store import (
-    EMBEDDINGS_DIR,
-    PartWriter,
-    list_parts,
-    read_part,
-    remove_temporary,
-)
+from reid_ray.embed.store import EMBEDDINGS_DIR, PartWriter
 from reid_ray.errors import ConfigError, OutputError
+from reid_ray.parts import list_parts, read_part, remove_temporary
+from reid_ray.runtime import ClusterView
 
-MODEL = "timm:resnet18"
+MODEL = "timm-random:resnet18"
 SIZE = 32
 
 
@@ -112,7 +109,7 @@ def _decoded(manifest_path, preprocess):
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
 def test_cpu_plan_leaves_cpu_for_decode(cpus):
-    plan = plan_resources(EmbedConfig(), cpus, 0)
+    plan = plan_resources(EmbedConfig(), ClusterView(cpus, 0))
     assert plan.device == "cpu" and plan.precision == "fp32" and plan.gpus_per_actor == 0
     assert plan.actors >= 1 and plan.threads >= 1 and plan.batch_size >= 1
     # the inference actors never take every CPU: decode tasks must be schedulable
@@ -123,36 +120,67 @@ def test_cpu_plan_leaves_cpu_for_decode(cpus):
     assert plan.threads >= int(plan.cpus_per_actor)
 
 
-def test_two_core_plan_is_one_actor_with_both_threads():
-    plan = plan_resources(EmbedConfig(), 2, 0)
-    assert (plan.actors, plan.threads) == (1, 2)
-    assert plan.cpus_per_actor < 2
+def test_two_core_plan_is_the_measured_default():
+    """benchmarks/results/embed_throughput.json: 1 actor on 1.5 CPUs with 2 threads,
+    decoders on 0.25 CPU."""
+    plan = plan_resources(EmbedConfig(), ClusterView(2, 0))
+    assert (plan.actors, plan.cpus_per_actor, plan.threads) == (1, 1.5, 2)
+    assert (plan.decode_cpus, plan.decode_tasks, plan.batch_size) == (0.25, 2, 32)
+
+
+def test_sixteen_core_plan_one_actor_per_eight_cpus():
+    plan = plan_resources(EmbedConfig(), ClusterView(16, 0))
+    assert (plan.actors, plan.cpus_per_actor, plan.threads, plan.decode_cpus) == (2, 6, 6, 1)
+    assert plan.decode_tasks == 4  # the 4 CPUs the actors leave
 
 
 def test_gpu_plan_one_actor_per_gpu_half_precision():
-    plan = plan_resources(EmbedConfig(), 32, 4)
+    plan = plan_resources(EmbedConfig(), ClusterView(32, 4))
     assert (plan.device, plan.precision, plan.actors, plan.gpus_per_actor) == ("cuda", "fp16", 4, 1)
-    assert plan_resources(EmbedConfig(precision="fp32"), 32, 4).precision == "fp32"
-    assert plan_resources(EmbedConfig(device="cpu"), 32, 4).device == "cpu"
+    assert plan.batch_size == 128 and not plan.waits_for_gpus
+    assert plan_resources(EmbedConfig(precision="fp32"), ClusterView(32, 4)).precision == "fp32"
+    assert plan_resources(EmbedConfig(device="cpu"), ClusterView(32, 4)).device == "cpu"
+
+
+def test_explicit_gpu_request_waits_for_gpu_nodes():
+    """An autoscaling cluster starts without GPU nodes: device cuda must ask for GPUs (the
+    autoscaler adds them), never fall back to CPU."""
+    plan = plan_resources(EmbedConfig(device="cuda"), ClusterView(8, 0))
+    assert (plan.device, plan.gpus_per_actor, plan.precision) == ("cuda", 1.0, "fp16")
+    assert plan.waits_for_gpus and plan.actors == 1
+    plan = plan_resources(EmbedConfig(device="cuda", actors=3), ClusterView(2, 1))
+    assert plan.actors == 3 and plan.waits_for_gpus
 
 
 def test_plan_overrides_and_invalid_settings():
-    plan = plan_resources(EmbedConfig(actors=2, cpus_per_actor=0.5, threads=3, batch_size=7), 4, 0)
+    plan = plan_resources(
+        EmbedConfig(actors=2, cpus_per_actor=0.5, threads=3, batch_size=7), ClusterView(4, 0)
+    )
     assert (plan.actors, plan.cpus_per_actor, plan.threads, plan.batch_size) == (2, 0.5, 3, 7)
-    with pytest.raises(ConfigError, match="no GPU"):
-        plan_resources(EmbedConfig(device="cuda"), 8, 0)
     with pytest.raises(ConfigError, match="fp16"):
-        plan_resources(EmbedConfig(precision="fp16"), 8, 0)
-    with pytest.raises(ConfigError, match="decode"):
-        plan_resources(EmbedConfig(cpus_per_actor=2), 2, 0)
+        plan_resources(EmbedConfig(precision="fp16"), ClusterView(8, 0))
+    with pytest.raises(ConfigError, match="decoders"):
+        plan_resources(EmbedConfig(cpus_per_actor=2), ClusterView(2, 0))
     with pytest.raises(ConfigError, match="batch_size"):
         EmbedConfig(batch_size=-1)
     with pytest.raises(ConfigError, match="device"):
         EmbedConfig(device="tpu")
     with pytest.raises(ConfigError, match="decode_mode"):
         EmbedConfig(decode_mode="threads")
-    with pytest.raises(ConfigError, match="unknown embed setting"):
-        EmbedConfig.from_dict({"batchsize": 3})
+    with pytest.raises(ConfigError, match="batchsize.*valid.*batch_size"):
+        load_embed_config({"batchsize": 3})
+    with pytest.raises(ConfigError, match="batch_size must be an integer"):
+        load_embed_config({"batch_size": "many"})
+
+
+def test_embed_config_from_file_section_and_overrides(tmp_path):
+    path = tmp_path / "embed.yaml"
+    path.write_text("embed:\n  batch_size: 16\n  flip: true\n")
+    cfg = load_embed_config(str(path), ["device=cpu", "rows_per_part=64"])
+    assert (cfg.batch_size, cfg.flip, cfg.device, cfg.rows_per_part) == (16, True, "cpu", 64)
+    assert cfg.replace(batch_size=None, actors=2) == load_embed_config(
+        str(path), {"device": "cpu", "rows_per_part": 64, "actors": 2}
+    )
 
 
 # --- the Embedder kernel (one process, no Ray) --------------------------------------------

@@ -10,6 +10,7 @@ import importlib
 
 _EXPORTS = {
     "EmbedConfig": "config",
+    "load_embed_config": "config",
     "ResourcePlan": "config",
     "plan_resources": "config",
     "Embedder": "embedder",
@@ -21,6 +22,7 @@ _EXPORTS = {
     "EMBEDDINGS_SCHEMA": "store",
     "EmbeddingSet": "store",
     "embeddings_table": "store",
+    "iter_embedding_batches": "store",
     "read_embeddings": "store",
     "read_errors": "store",
     "scan_existing": "store",

@@ -5,54 +5,11 @@ Light at import time: the library is imported when the command runs.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterator
-
 import typer
 
 
-@contextlib.contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar; yields ``update(done, total)``. Ray Data's own bars and its
-    per-run INFO lines are turned off so the terminal shows one bar (warnings still show)."""
-    import logging
-
-    import ray.data  # noqa: F401 - its logging is configured on import; adjust after
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-def embed_summary_table(summary, title: str = "embed"):
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+def embed_summary_rows(summary) -> list[tuple[str, str]]:
+    """The one-screen summary of an embed run, as (key, value) rows for ``console.summary``."""
     plan = summary.plan or {}
     rows = [
         ("model", f"{summary.model_ref} - {summary.description}"),
@@ -70,9 +27,7 @@ def embed_summary_table(summary, title: str = "embed"):
     ]
     for example in summary.error_examples[:3]:
         rows.append(("  e.g.", f"{example['image_id']}: {example['reason']}"))
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
+    return rows
 
 
 def embed_command(
@@ -92,40 +47,45 @@ def embed_command(
         "actors", help="Decode on long-lived actors (default) or in Ray tasks ('tasks')."
     ),
     rows_per_part: int = typer.Option(2048, help="Rows per Parquet part (the resume unit)."),
+    read_threads: int = typer.Option(8, help="Concurrent image reads per decode batch."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto (fp16 on GPU), fp32 or fp16."),
     overwrite: bool = typer.Option(
         False, help="Replace embeddings of another model found in --out."
     ),
+    config: str | None = typer.Option(
+        None, help="Embed settings file (YAML/JSON); options given here override it."
+    ),
 ) -> None:
     """Embed every image of a manifest: read, decode and resize in CPU tasks, infer in an
     actor pool, write L2-normalised vectors to Parquet. A rerun resumes."""
-    from rich.console import Console
-
-    from reid_ray.embed.config import EmbedConfig
+    from reid_ray import console
+    from reid_ray.embed.config import load_embed_config
     from reid_ray.embed.pipeline import embed
 
-    cfg = EmbedConfig(
+    given = dict(
         image_size=image_size,
-        flip=flip,
-        batch_size=batch_size,
-        actors=actors,
-        cpus_per_actor=cpus_per_actor,
-        threads=threads,
-        decode_cpus=decode_cpus,
-        decode_mode=decode_mode,
-        rows_per_part=rows_per_part,
-        device=device,
-        precision=precision,
+        flip=flip or None,
+        batch_size=batch_size or None,
+        actors=actors or None,
+        cpus_per_actor=cpus_per_actor or None,
+        threads=threads or None,
+        decode_cpus=decode_cpus or None,
+        decode_mode=None if decode_mode == "actors" else decode_mode,
+        read_threads=None if read_threads == 8 else read_threads,
+        rows_per_part=None if rows_per_part == 2048 else rows_per_part,
+        device=None if device == "auto" else device,
+        precision=None if precision == "auto" else precision,
     )
-    with progress_bar("embedding") as update:
+    cfg = load_embed_config(config, given)  # options left at their default keep the file's
+    with console.progress() as update:
         summary = embed(
             manifest,
             model,
             out,
             cfg,
             overwrite=overwrite,
-            progress=update,
+            progress=console.stage_progress(update, "embedding"),
             command="reid-ray embed",
         )
-    Console().print(embed_summary_table(summary))
+    console.summary("embed", embed_summary_rows(summary))

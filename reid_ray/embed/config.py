@@ -1,25 +1,32 @@
 """Embedding settings and the resource plan derived from them and the cluster.
 
-``EmbedConfig`` is what the user may set (0 / "auto" means "decide from the cluster");
-``plan_resources`` turns it and the cluster's CPU/GPU count into concrete numbers. Both are
-pure, so the defaults are unit-tested without Ray.
+``EmbedConfig`` is what the user may set (0 / "auto" means "decide from the cluster"),
+read by the one config loader (:func:`reid_ray.config.load_config`); ``plan_resources``
+is embedding's policy over :func:`reid_ray.runtime.plan_pool`: the pool sizing rules
+(explicit GPU requests wait for the autoscaler, CPUs left for Ray Data) live there, the
+embedding-specific numbers (batch sizes, precision, decoder shares) here. Both are pure,
+so the defaults are unit-tested without Ray.
 
 Defaults, measured on a 2-core machine (``benchmarks/results/embed_throughput.json``):
-one inference actor holding most of the CPU with as many torch threads as its share,
-decode tasks on fractional CPUs beside it. On a GPU cluster: one actor per GPU with half
-precision, decode tasks on the CPUs.
+one inference actor holding 1.5 CPUs with 2 torch threads, decoders on 0.25 CPU beside
+it. On a GPU cluster: one actor per GPU with half precision, decoders on 1 CPU each.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from reid_ray import config as rconfig
+from reid_ray.config import check, check_choice
 from reid_ray.errors import ConfigError
+from reid_ray.runtime import DEVICES, ClusterView, plan_pool
 
-DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "fp16")
+DECODE_MODES = ("actors", "tasks")
+#: one CPU inference actor per this many CPUs (threads scale well up to about 8)
+CPUS_PER_CPU_ACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -31,10 +38,12 @@ class EmbedConfig:
     mirror summed, then L2-normalised; it changes the stored fingerprint).
     ``batch_size`` images per inference call; ``actors`` size of the inference pool;
     ``cpus_per_actor``/``threads`` CPU share and torch threads of each actor;
-    ``decode_cpus`` CPU share of each decode task; ``decode_batch_size`` images per decode
-    task call; ``decode_tasks`` most decoders at a time (0: the CPUs the inference actors
+    ``decode_cpus`` CPU share of each decoder; ``decode_batch_size`` images per decode
+    call; ``decode_tasks`` most decoders at a time (0: the CPUs the inference actors
     leave free, divided by ``decode_cpus``); ``decode_mode`` actors (long-lived decoder
-    actors, the default) or tasks (one Ray task per block); ``rows_per_part`` rows per Parquet part (the unit of resume);
+    actors, the default) or tasks (one Ray task per block); ``read_threads`` concurrent
+    reads per decode batch (object stores answer slowly, one read at a time wastes the
+    decoder); ``rows_per_part`` rows per Parquet part (the unit of resume);
     ``flush_seconds`` a part is also written after this long, so slow runs checkpoint;
     ``device`` auto | cpu | cuda; ``precision`` auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16.
     """
@@ -49,48 +58,55 @@ class EmbedConfig:
     decode_batch_size: int = 0
     decode_tasks: int = 0
     decode_mode: str = "actors"
+    read_threads: int = 8
     rows_per_part: int = 2048
     flush_seconds: float = 60.0
     device: str = "auto"
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
-        if self.image_size is not None and not (16 <= int(self.image_size) <= 4096):
-            raise ConfigError(f"image_size must be between 16 and 4096, got {self.image_size}")
+        # direct construction (EmbedConfig(...)) is checked like a loaded config
+        check_choice("device", self.device, DEVICES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("decode_mode", self.decode_mode, DECODE_MODES)
+        check(
+            self.image_size is None or 16 <= int(self.image_size) <= 4096,
+            f"image_size must be between 16 and 4096, got {self.image_size}",
+        )
         for name in ("batch_size", "actors", "threads", "decode_batch_size", "decode_tasks"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0 (0: automatic), got {value!r}")
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                f"{name} must be an integer >= 0 (0: automatic), got {value!r}",
+            )
         for name in ("cpus_per_actor", "decode_cpus"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or value < 0 or not math.isfinite(value):
-                raise ConfigError(f"{name} must be a number >= 0 (0: automatic), got {value!r}")
-        if self.decode_mode not in ("actors", "tasks"):
-            raise ConfigError(f"decode_mode must be actors or tasks, got {self.decode_mode!r}")
-        if not isinstance(self.rows_per_part, int) or self.rows_per_part < 1:
-            raise ConfigError(f"rows_per_part must be an integer >= 1, got {self.rows_per_part!r}")
-        if not self.flush_seconds > 0:
-            raise ConfigError(f"flush_seconds must be > 0, got {self.flush_seconds!r}")
+            check(
+                isinstance(value, int | float) and value >= 0 and math.isfinite(value),
+                f"{name} must be a number >= 0 (0: automatic), got {value!r}",
+            )
+        check(
+            isinstance(self.read_threads, int) and 1 <= self.read_threads <= 64,
+            f"read_threads must be an integer between 1 and 64, got {self.read_threads!r}",
+        )
+        check(
+            isinstance(self.rows_per_part, int) and self.rows_per_part >= 1,
+            f"rows_per_part must be an integer >= 1, got {self.rows_per_part!r}",
+        )
+        check(self.flush_seconds > 0, f"flush_seconds must be > 0, got {self.flush_seconds!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EmbedConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown embed setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
     def replace(self, **changes: Any) -> EmbedConfig:
-        return replace(self, **changes)
+        """A checked copy with ``changes`` (``None`` values ignored)."""
+        return rconfig.replace(self, **changes)
+
+
+def load_embed_config(source: Any = None, overrides: rconfig.Overrides = None) -> EmbedConfig:
+    """An ``EmbedConfig`` from a dict, a YAML/JSON file (an ``embed:`` section alone is
+    read) or nothing, plus overrides; unknown keys fail with the valid ones listed."""
+    return rconfig.load_config(EmbedConfig, source, overrides, section="embed")
 
 
 @dataclass(frozen=True)
@@ -108,73 +124,65 @@ class ResourcePlan:
     decode_batch_size: int
     decode_tasks: int
     decode_mode: str
+    read_threads: int = 8
+    waits_for_gpus: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def plan_resources(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -> ResourcePlan:
-    """Decide actors, CPU/GPU shares, threads and batch sizes for ``cfg`` on a cluster.
+def plan_resources(cfg: EmbedConfig, cluster: ClusterView) -> ResourcePlan:
+    """Decide actors, CPU/GPU shares, threads and batch sizes for ``cfg`` on ``cluster``.
 
-    GPU (any GPU in the cluster and device auto|cuda): one actor per GPU (1 GPU, 1 CPU
-    each), fp16 autocast, batches of 128 (64 with flip), decode tasks on 1 CPU each.
-    CPU: one actor per 8 CPUs; together the actors hold 3/4 of the CPUs (in quarters, at
-    least 1 CPU each where there is more than one) and run that many torch threads;
-    decode tasks take 1/4 CPU on small machines (< 8 CPUs) and 1 CPU otherwise, so reads
-    are never starved (two actors holding every CPU of a 2-core machine hang the read
-    tasks: ENVIRONMENT.md); batches of 32.
+    The pool comes from :func:`reid_ray.runtime.plan_pool` (GPU: one actor per GPU, 1 CPU
+    each, and an explicit ``device: cuda`` waits for GPU nodes instead of falling back;
+    CPU: one actor per 8 CPUs holding the CPUs less Ray Data's reserve, threads = its
+    share). Embedding adds: fp16 on GPU, batches of 128 (64 with flip) on GPU and 32 on
+    CPU, decoders on 1/4 CPU on small machines (< 8 CPUs) and 1 CPU otherwise; as many
+    decoders as the CPUs the pool leaves free hold.
     """
-    cpus = max(float(cluster_cpus), 1.0)
-    gpus = float(cluster_gpus)
-    if cfg.device == "cuda" and gpus < 1:
-        raise ConfigError("device 'cuda' requested but the Ray cluster has no GPU")
-    use_gpu = gpus >= 1 and cfg.device in ("auto", "cuda")
-    if use_gpu:
-        actors = cfg.actors or max(1, int(gpus))
-        if actors > gpus:
-            raise ConfigError(f"{actors} GPU actors requested but the cluster has {gpus:g} GPUs")
-        cpus_per_actor = cfg.cpus_per_actor or 1.0
-        threads = cfg.threads or max(1, int(cpus_per_actor))
-        batch = cfg.batch_size or (64 if cfg.flip else 128)
+    cpus = max(float(cluster.cpus), 1.0)
+    if cfg.device == "cpu" or (cfg.device == "auto" and cluster.gpus < 1):
+        actors = cfg.actors or max(1, int(cpus // CPUS_PER_CPU_ACTOR))
+    else:
+        actors = cfg.actors
+    pool = plan_pool(
+        cluster,
+        device=cfg.device,
+        actors=actors,
+        cpus_per_actor=cfg.cpus_per_actor,
+    )
+    on_gpu = pool.device == "cuda"
+    if on_gpu:
         precision = "fp16" if cfg.precision in ("auto", "fp16") else "fp32"
+        batch = cfg.batch_size or (64 if cfg.flip else 128)
         decode_cpus = cfg.decode_cpus or 1.0
-        gpus_per_actor = 1.0
-        device = "cuda"
     else:
         if cfg.precision == "fp16":
             raise ConfigError("precision fp16 needs a GPU; on CPU use fp32 (or auto)")
-        actors = cfg.actors or max(1, int(cpus // 8))
-        if cfg.cpus_per_actor:
-            cpus_per_actor = float(cfg.cpus_per_actor)
-        else:
-            cpus_per_actor = max(min(1.0, cpus * 0.75), round(cpus * 0.75 / actors * 4) / 4)
-        if actors * cpus_per_actor > cpus:
-            raise ConfigError(
-                f"{actors} actors x {cpus_per_actor:g} CPUs exceed the cluster's {cpus:g} CPUs"
-            )
-        threads = cfg.threads or max(1, math.ceil(cpus_per_actor))
-        batch = cfg.batch_size or 32
         precision = "fp32"
+        batch = cfg.batch_size or 32
         decode_cpus = cfg.decode_cpus or (0.25 if cpus < 8 else 1.0)
-        gpus_per_actor = 0.0
-        device = "cpu"
-    if actors * cpus_per_actor + decode_cpus > cpus + 1e-9:
+    used = pool.actors * pool.cpus_per_actor
+    # a pool waiting for GPU nodes gets their CPUs too: only check what exists now
+    if not pool.waits_for_gpus and used + decode_cpus > cpus + 1e-9:
         raise ConfigError(
-            f"no CPU left for decode tasks: {actors} actors x {cpus_per_actor:g} CPUs + "
-            f"{decode_cpus:g} per decode task > {cpus:g} CPUs; lower --cpus-per-actor"
+            f"no CPU left for decoders: {pool.actors} actors x {pool.cpus_per_actor:g} CPUs + "
+            f"{decode_cpus:g} per decoder > {cpus:g} CPUs; lower --cpus-per-actor"
         )
-    free = cpus - actors * cpus_per_actor
-    decode_tasks = cfg.decode_tasks or max(1, int(free / decode_cpus + 1e-9))
+    free = max(cpus - used, decode_cpus)
     return ResourcePlan(
-        device=device,
+        device=pool.device,
         precision=precision,
-        actors=int(actors),
-        cpus_per_actor=float(cpus_per_actor),
-        gpus_per_actor=gpus_per_actor,
-        threads=int(threads),
+        actors=pool.actors,
+        cpus_per_actor=pool.cpus_per_actor,
+        gpus_per_actor=pool.gpus_per_actor,
+        threads=int(cfg.threads or pool.threads),
         batch_size=int(batch),
         decode_cpus=float(decode_cpus),
         decode_batch_size=int(cfg.decode_batch_size or batch),
-        decode_tasks=int(decode_tasks),
+        decode_tasks=int(cfg.decode_tasks or max(1, int(free / decode_cpus + 1e-9))),
         decode_mode=cfg.decode_mode,
+        read_threads=cfg.read_threads,
+        waits_for_gpus=pool.waits_for_gpus,
     )

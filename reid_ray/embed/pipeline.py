@@ -21,17 +21,10 @@ from typing import Any
 import pyarrow as pa
 
 from reid_ray import io as rio
+from reid_ray import parts
 from reid_ray.data.manifest import Manifest
 from reid_ray.embed.config import EmbedConfig, ResourcePlan, plan_resources
-from reid_ray.embed.store import (
-    EMBEDDINGS_DIR,
-    ERRORS_DIR,
-    MANIFEST_FILE,
-    PartWriter,
-    list_parts,
-    remove_temporary,
-    scan_existing,
-)
+from reid_ray.embed.store import EMBEDDINGS_DIR, ERRORS_DIR, PartWriter, scan_existing
 from reid_ray.errors import ConfigError, OutputError
 
 logger = logging.getLogger(__name__)
@@ -89,12 +82,10 @@ def _check_existing(out: str, key: str, model_ref: str, overwrite: bool) -> set[
     others = existing.keys - {key}
     if others and not overwrite:
         described = ""
-        manifest_path = rio.join(out, MANIFEST_FILE)
-        if rio.exists(manifest_path):
-            try:
-                described = f" (model {rio.read_json(manifest_path)['model']['ref']!r})"
-            except (KeyError, TypeError, ValueError):
-                described = ""
+        try:
+            described = f" (model {parts.read_run_record(out)['model']['ref']!r})"
+        except (KeyError, TypeError, ValueError):
+            described = ""
         raise OutputError(
             f"{out} already holds embeddings of another model{described}, fingerprint "
             f"{', '.join(sorted(others))}; this run's is {key}. Use another --out, or "
@@ -114,11 +105,11 @@ def _start_run(out: str) -> None:
     (a crash never leaves a complete-looking output), then old error parts (every row not
     embedded is retried and its error, if any, written again) and temporary leftovers."""
     rio.makedirs(out)
-    rio.remove(rio.join(out, MANIFEST_FILE))
-    for part in list_parts(rio.join(out, ERRORS_DIR)):
+    rio.remove(rio.join(out, parts.MANIFEST_FILE))
+    for part in parts.list_parts(rio.join(out, ERRORS_DIR)):
         rio.remove(part)
     for folder in (rio.join(out, EMBEDDINGS_DIR), rio.join(out, ERRORS_DIR)):
-        n = remove_temporary(folder)
+        n = parts.remove_temporary(folder)
         if n:
             logger.info("removed %d temporary file(s) of an interrupted run in %s", n, folder)
 
@@ -226,7 +217,7 @@ def embed_manifest(
     """
     from reid_ray.embed.embedder import embedding_key
     from reid_ray.models import load
-    from reid_ray.runtime import cluster_cpus, cluster_gpus, init_ray
+    from reid_ray.runtime import cluster_view, init_ray
 
     cfg = cfg or EmbedConfig()
     if not isinstance(cfg, EmbedConfig):
@@ -266,8 +257,8 @@ def embed_manifest(
     error_examples: list[dict] = []
     if todo.num_rows:
         init_ray()
-        plan = plan_resources(cfg, cluster_cpus(), cluster_gpus())
-        logger.info("plan: %s", plan.to_dict())
+        plan = plan_resources(cfg, cluster_view())
+        logger.debug("plan: %s", plan.to_dict())
         ds = build_dataset(
             todo,
             model_ref,
@@ -325,44 +316,41 @@ def embed_manifest(
         plan=plan.to_dict() if plan else {},
         error_examples=error_examples,
     )
-    rio.write_json_atomic(
-        rio.join(out, MANIFEST_FILE),
-        {
-            "command": command or "embed",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "source": manifest.source,
-            "config": cfg.to_dict(),
-            "plan": summary.plan,
-            "model": {
-                "ref": model_ref,
-                "description": description,
-                "fingerprint": fingerprint,
-                "key": key,
-                "embedding_dim": int(dim),
-                "preprocess": preprocess.to_dict(),
-            },
-            "counts": {
-                "manifest_rows": table.num_rows,
-                "manifest_errors": manifest.errors.num_rows,
-                "already_embedded": n_already,
-                "embedded": writer.n_embedded,
-                "errors": n_run_errors,
-                "total_embedded": summary.n_total_embedded,
-            },
-            "timings": {
-                "total_seconds": summary.seconds,
-                "pipeline_seconds": pipeline_seconds,
-                "images_per_second": summary.images_per_second,
-                "images_per_second_measures": "rows through the whole pipeline (read, decode, "
-                "resize, inference, write) divided by the pipeline's wall time, this run",
-            },
-            "layout": {
-                "embeddings": f"{EMBEDDINGS_DIR}/part-*.parquet (image_id, embedding "
-                "list<float32> L2-normalised, model = embedding key)",
-                "errors": f"{ERRORS_DIR}/part-*.parquet (image_id, path, stage, reason)",
-            },
-            "warnings": list(manifest.warnings),
+    parts.write_run_record(
+        out,
+        command or "embed",
+        config=cfg,
+        counts={
+            "manifest_rows": table.num_rows,
+            "manifest_errors": manifest.errors.num_rows,
+            "already_embedded": n_already,
+            "embedded": writer.n_embedded,
+            "errors": n_run_errors,
+            "total_embedded": summary.n_total_embedded,
         },
+        timings={
+            "total_seconds": summary.seconds,
+            "pipeline_seconds": pipeline_seconds,
+            "images_per_second": summary.images_per_second,
+            "images_per_second_measures": "rows through the whole pipeline (read, decode, "
+            "resize, inference, write) divided by the pipeline's wall time, this run",
+        },
+        source=manifest.source,
+        plan=summary.plan,
+        model={
+            "ref": model_ref,
+            "description": description,
+            "fingerprint": fingerprint,
+            "key": key,
+            "embedding_dim": int(dim),
+            "preprocess": preprocess.to_dict(),
+        },
+        layout={
+            "embeddings": f"{EMBEDDINGS_DIR}/part-*.parquet (image_id, embedding "
+            "list<float32> L2-normalised, model = embedding key)",
+            "errors": f"{ERRORS_DIR}/part-*.parquet (image_id, path, stage, reason)",
+        },
+        warnings=list(manifest.warnings),
     )
     logger.info(
         "embedded %d, errors %d, %.1f images/s",

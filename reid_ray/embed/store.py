@@ -1,23 +1,20 @@
-"""The embeddings output on disk (local or ``s3://``), written so a crash never corrupts it.
+"""The embeddings output on disk (local or ``s3://``): the embedding-specific layer over
+:mod:`reid_ray.parts` (which owns part files, atomic writes, listing and reading).
 
 Layout of an embed output folder::
 
     OUT/embeddings/part-<run>-<seq>.parquet   image_id, embedding list<float32>, model
     OUT/errors/part-<run>-<seq>.parquet       image_id, path, stage, reason
-    OUT/manifest.json                         what produced it; written last
+    OUT/manifest.json                         the run record; written last
 
-Every part is written whole and renamed into place (``reid_ray.io.write_table_atomic``), so
-a listed ``.parquet`` part is always complete; a job killed mid-write leaves at most a
-``.tmp-`` file, which readers ignore and the next run removes. ``model`` holds the
-embedding key (model fingerprint, plus test-time augmentation), so vectors of different
-models are never mixed.
+``model`` holds the embedding key (model fingerprint, plus test-time augmentation), so
+vectors of different models are never mixed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -25,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from reid_ray import io as rio
+from reid_ray import parts
 from reid_ray.data.manifest import ERRORS_SCHEMA, errors_table
 from reid_ray.errors import ConfigError, OutputError
 
@@ -32,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 EMBEDDINGS_DIR = "embeddings"
 ERRORS_DIR = "errors"
-MANIFEST_FILE = "manifest.json"
-PART_SUFFIX = ".parquet"
 
 EMBEDDINGS_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("embedding", pa.list_(pa.float32())), ("model", pa.string())]
@@ -60,63 +56,30 @@ def embeddings_table(ids: Iterable[str], matrix: np.ndarray, key: str) -> pa.Tab
     )
 
 
-def table_to_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
+def table_to_matrix(table: pa.Table | pa.RecordBatch, column: str = "embedding") -> np.ndarray:
     """The ``embedding`` list column as a [N, D] float32 array (all rows the same length)."""
     import pyarrow.compute as pc
 
-    col = table.column(column).combine_chunks() if table.num_rows else None
-    if col is None:
+    if table.num_rows == 0:
         return np.zeros((0, 0), dtype=np.float32)
+    col = table.column(column)
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-    if len(lengths) and (lengths != lengths[0]).any():
+    if (lengths != lengths[0]).any():
         raise OutputError("embeddings of different lengths in one table: mixed models?")
     flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return flat.reshape(len(lengths), int(lengths[0]) if len(lengths) else 0)
+    return flat.reshape(len(lengths), int(lengths[0]))
 
 
 def embeddings_dir(path: str) -> str:
     """The folder holding the parts: ``path/embeddings`` for an embed output folder (or an
     evaluate folder's ``embed/``), else ``path`` itself when it holds parts directly."""
     for candidate in (rio.join(path, EMBEDDINGS_DIR), rio.join(path, "embed", EMBEDDINGS_DIR)):
-        if list_parts(candidate):
+        if parts.list_parts(candidate):
             return candidate
-    if list_parts(path):
+    if parts.list_parts(path):
         return path
     return rio.join(path, EMBEDDINGS_DIR)
-
-
-def list_parts(folder: str) -> list[str]:
-    """Complete parts in ``folder`` (temporary files are never listed)."""
-    fs, bare = rio.filesystem(folder)
-    if rio.is_remote(folder):
-        fs.invalidate_cache(bare)
-    return [p for p in rio.list_files(folder, PART_SUFFIX) if ".tmp-" not in p.rsplit("/", 1)[-1]]
-
-
-def read_part(path: str, columns: list[str] | None = None) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    fs, bare = rio.filesystem(path)
-    try:
-        with fs.open(bare, "rb") as f:
-            return pq.read_table(f, columns=columns)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise OutputError(f"cannot read {path}: {exc}") from None
-
-
-def remove_temporary(folder: str) -> int:
-    """Delete ``*.tmp-*`` leftovers of a killed writer (local folders only)."""
-    if rio.is_remote(folder):
-        return 0
-    fs, bare = rio.filesystem(folder)
-    if not fs.exists(bare):
-        return 0
-    n = 0
-    for info in fs.ls(bare, detail=True):
-        if ".tmp-" in info["name"].rsplit("/", 1)[-1]:
-            fs.rm(info["name"])
-            n += 1
-    return n
 
 
 @dataclass
@@ -136,33 +99,41 @@ class ExistingEmbeddings:
 
 def scan_existing(out: str) -> ExistingEmbeddings:
     """Ids and keys already embedded under ``out`` (reads only the id and model columns)."""
+    folder = rio.join(out, EMBEDDINGS_DIR)
+    files = parts.list_parts(folder)
     ids_by_key: dict[str, set[str]] = {}
-    parts = list_parts(rio.join(out, EMBEDDINGS_DIR))
-    for part in parts:
-        table = read_part(part, columns=["image_id", "model"])
+    if files:
+        table = parts.read_parts(folder, EMBEDDINGS_SCHEMA, ["image_id", "model"], files=files)
         for key, image_id in zip(
             table.column("model").to_pylist(), table.column("image_id").to_pylist(), strict=True
         ):
             ids_by_key.setdefault(key, set()).add(image_id)
-    return ExistingEmbeddings(ids_by_key, len(parts))
+    return ExistingEmbeddings(ids_by_key, len(files))
 
 
 class PartWriter:
-    """Buffers embedding and error rows; writes them as atomic parts.
+    """Buffers embedding and error rows of Embedder output batches; writes them as parts
+    of ``out/embeddings`` and ``out/errors`` with the same name.
 
     A part is written when ``rows_per_part`` embeddings are buffered or ``flush_seconds``
-    have passed since the last write, and on ``close``. Part names carry a per-run id, so
-    a rerun never overwrites an earlier run's parts.
+    have passed since the last write, and on ``close``. Used by the driver and by the
+    writer workers of the pipeline alike (``run`` distinguishes concurrent writers).
     """
 
     def __init__(
-        self, out: str, key: str, *, rows_per_part: int = 2048, flush_seconds: float = 60.0
+        self,
+        out: str,
+        key: str,
+        *,
+        rows_per_part: int = 2048,
+        flush_seconds: float = 60.0,
+        run: str | None = None,
     ) -> None:
         self.out = out
         self.key = key
         self.rows_per_part = int(rows_per_part)
         self.flush_seconds = float(flush_seconds)
-        self.run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.run = run or parts.new_run_id()
         self.seq = 0
         self._tables: list[pa.Table] = []
         self._errors: list[dict] = []
@@ -206,14 +177,14 @@ class PartWriter:
     def flush(self) -> None:
         if not self._tables and not self._errors:
             return
-        name = f"part-{self.run}-{self.seq:05d}{PART_SUFFIX}"
+        name = parts.part_name(self.run, self.seq)
         # errors first: a part of embeddings is the resume unit, errors are recomputed
         if self._errors:
-            rio.write_table_atomic(rio.join(self.out, ERRORS_DIR, name), errors_table(self._errors))
+            parts.write_part(rio.join(self.out, ERRORS_DIR), errors_table(self._errors), name=name)
             self.n_errors += len(self._errors)
         if self._tables:
             table = pa.concat_tables(self._tables)
-            rio.write_table_atomic(rio.join(self.out, EMBEDDINGS_DIR, name), table)
+            parts.write_part(rio.join(self.out, EMBEDDINGS_DIR), table, name=name)
             self.n_embedded += table.num_rows
             self.parts.append(name)
         logger.debug(
@@ -227,18 +198,18 @@ class PartWriter:
         self.flush()
 
 
-def iter_parts(path: str, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
-    """(part path, table) for every embeddings part under ``path`` (an embed output)."""
-    for part in list_parts(embeddings_dir(path)):
-        yield part, read_part(part, columns)
+def iter_embedding_batches(
+    path: str, columns: list[str] | None = None, batch_size: int = 65536
+) -> Iterator[pa.RecordBatch]:
+    """Stream the embeddings of an embed output (bounded memory)."""
+    yield from parts.iter_batches(
+        embeddings_dir(path), EMBEDDINGS_SCHEMA, columns=columns, batch_size=batch_size
+    )
 
 
 def read_errors(path: str) -> pa.Table:
     """Every error row of an embed output (empty table when there are none)."""
-    tables = [read_part(p) for p in list_parts(rio.join(path, ERRORS_DIR))]
-    if not tables:
-        return ERRORS_SCHEMA.empty_table()
-    return pa.concat_tables([t.cast(ERRORS_SCHEMA) for t in tables])
+    return parts.read_parts(rio.join(path, ERRORS_DIR), ERRORS_SCHEMA)
 
 
 @dataclass
@@ -259,40 +230,34 @@ def read_embeddings(path: str, ids: Iterable[str] | None = None) -> EmbeddingSet
 
     Raises ``OutputError`` when the folder holds no embeddings or vectors of several models.
     """
-    wanted = None if ids is None else [str(i) for i in ids]
-    wanted_set = None if wanted is None else pa.array(sorted(set(wanted)), pa.string())
-    keys: set[str] = set()
-    id_chunks: list[np.ndarray] = []
-    mats: list[np.ndarray] = []
-    n_parts = 0
-    for _, table in iter_parts(path):
-        n_parts += 1
-        keys.update(table.column("model").unique().to_pylist())
-        if wanted_set is not None:
-            import pyarrow.compute as pc
+    import pyarrow.dataset as pads
 
-            table = table.filter(pc.is_in(table["image_id"], value_set=wanted_set))
-        if table.num_rows:
-            id_chunks.append(np.asarray(table.column("image_id").to_pylist(), dtype=object))
-            mats.append(table_to_matrix(table))
-    if n_parts == 0:
+    wanted = None if ids is None else [str(i) for i in ids]
+    folder = embeddings_dir(path)
+    files = parts.list_parts(folder)
+    if not files:
         raise OutputError(f"no embeddings under {path}: run `reid-ray embed --out {path}` first")
+    where = None
+    if wanted is not None:
+        where = pads.field("image_id").isin(pa.array(sorted(set(wanted)), pa.string()))
+    table = parts.read_parts(folder, EMBEDDINGS_SCHEMA, filter=where, files=files)
+    keys = set(table.column("model").unique().to_pylist())
     if len(keys) > 1:
         raise OutputError(f"{path} holds embeddings of {len(keys)} models ({sorted(keys)})")
+    if not keys:  # none of the wanted ids: the model is still the folder's
+        first = parts.read_part(files[0], columns=["model"]).column("model")
+        keys = {first[0].as_py()} if len(first) else {""}
     key = next(iter(keys))
-    all_ids = np.concatenate(id_chunks) if id_chunks else np.zeros(0, dtype=object)
-    dims = {m.shape[1] for m in mats}
-    if len(dims) > 1:
-        raise OutputError(f"{path} holds embeddings of different sizes {sorted(dims)}")
-    matrix = np.concatenate(mats) if mats else np.zeros((0, 0), dtype=np.float32)
+    all_ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
+    matrix = table_to_matrix(table) if table.num_rows else np.zeros((0, 0), np.float32)
     # one row per id (a rerun never duplicates, but be exact for hand-merged folders)
-    _, first = np.unique(all_ids.astype(str), return_index=True)
-    if len(first) != len(all_ids):
+    _, first_pos = np.unique(all_ids.astype(str), return_index=True)
+    if len(first_pos) != len(all_ids):
         logger.warning(
-            "%s: %d duplicated image_id(s); keeping the first", path, len(all_ids) - len(first)
+            "%s: %d duplicated image_id(s); keeping the first", path, len(all_ids) - len(first_pos)
         )
-        first.sort()
-        all_ids, matrix = all_ids[first], matrix[first]
+        first_pos.sort()
+        all_ids, matrix = all_ids[first_pos], matrix[first_pos]
     if wanted is not None:
         pos = {i: n for n, i in enumerate(all_ids.tolist())}
         order = [pos[i] for i in wanted if i in pos]
@@ -305,18 +270,14 @@ __all__ = [
     "EMBEDDINGS_SCHEMA",
     "ERRORS_DIR",
     "ERRORS_SCHEMA",
-    "MANIFEST_FILE",
     "EmbeddingSet",
     "ExistingEmbeddings",
     "PartWriter",
     "embeddings_dir",
     "embeddings_table",
-    "iter_parts",
-    "list_parts",
+    "iter_embedding_batches",
     "read_embeddings",
     "read_errors",
-    "read_part",
-    "remove_temporary",
     "scan_existing",
     "table_to_matrix",
 ]

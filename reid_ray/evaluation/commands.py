@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+METRIC_ROWS = ("top1", "top5", "top20", "mAP", "baks", "baus", "threshold")
+
 
 def _fmt(value) -> str:
     if value is None:
@@ -37,14 +39,11 @@ def evaluate_command(
 ) -> None:
     """The benchmark protocol on the query, gallery and query_unknown rows of a split:
     embed, index the gallery, search, write metrics.json (top-k, mAP, BAKS/BAUS)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from reid_ray.embed.commands import progress_bar
-    from reid_ray.embed.config import EmbedConfig
+    from reid_ray import console
+    from reid_ray.embed.config import load_embed_config
     from reid_ray.evaluation.protocol import evaluate
 
-    cfg = EmbedConfig(flip=flip, batch_size=batch_size, actors=actors)
+    cfg = load_embed_config(None, dict(flip=flip, batch_size=batch_size, actors=actors))
     rerank_arg = None
     if rerank_config:
         from reid_ray.rerank.config import load_rerank_config
@@ -52,7 +51,7 @@ def evaluate_command(
         rerank_arg = load_rerank_config(rerank_config)
     elif rerank:
         rerank_arg = True
-    with progress_bar("embedding") as update:
+    with console.progress() as update:
         metrics = evaluate(
             manifest,
             split,
@@ -63,31 +62,30 @@ def evaluate_command(
             embed_cfg=cfg,
             k=k,
             overwrite=overwrite,
-            progress=update,
+            progress=console.stage_progress(update, "embedding"),
             command="reid-ray evaluate",
         )
-    table = Table(title="evaluate", show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
     counts = metrics["counts"]
-    table.add_row("model", f"{model} - {metrics['model']['description']}")
-    table.add_row(
-        "rows",
-        f"{counts['gallery_rows']} gallery ({counts['gallery_identities']} individuals), "
-        f"{counts['query_rows']} query, {counts['query_unknown_rows']} query_unknown; "
-        f"{counts['embed_errors']} embed errors",
-    )
-    for key in ("top1", "top5", "top20", "mAP", "baks", "baus", "threshold"):
-        if key in metrics:
-            table.add_row(key, _fmt(metrics[key]))
+    rows = [
+        ("model", f"{model} - {metrics['model']['description']}"),
+        (
+            "rows",
+            f"{counts['gallery_rows']} gallery ({counts['gallery_identities']} individuals), "
+            f"{counts['query_rows']} query, {counts['query_unknown_rows']} query_unknown; "
+            f"{counts['embed_errors']} embed errors",
+        ),
+    ]
+    rows += [(key, _fmt(metrics[key])) for key in METRIC_ROWS if key in metrics]
     if "global" in metrics:
         g = metrics["global"]
-        table.add_row("global only", f"top1 {_fmt(g.get('top1'))}, mAP {_fmt(g.get('mAP'))}")
+        rows.append(("global only", f"top1 {_fmt(g.get('top1'))}, mAP {_fmt(g.get('mAP'))}"))
     timings = metrics["timings"]
-    table.add_row(
-        "time",
-        f"{timings['total_seconds']:.1f} s (embedding {timings['embed_seconds']:.1f} s, "
-        f"{timings['embed_images_per_second']:.1f} images/s)",
+    rows.append(
+        (
+            "time",
+            f"{timings['total_seconds']:.1f} s (embedding {timings['embed_seconds']:.1f} s, "
+            f"{timings['embed_images_per_second']:.1f} images/s)",
+        )
     )
-    table.add_row("output", f"{out}/metrics.json")
-    Console().print(table)
+    rows.append(("output", f"{out}/metrics.json"))
+    console.summary("evaluate", rows)

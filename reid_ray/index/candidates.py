@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from reid_ray import io as rio
+from reid_ray import parts
 from reid_ray.errors import ConfigError, OutputError
 
 CANDIDATES_DIR = "candidates"
@@ -51,18 +52,16 @@ def candidates_table(query_ids, scores: np.ndarray, gallery_ids: np.ndarray) -> 
 def candidates_folder(path: str) -> str:
     """``path/candidates`` when it exists, else ``path`` (a folder of candidate parts)."""
     sub = rio.join(path, CANDIDATES_DIR)
-    return sub if rio.list_files(sub, ".parquet") else path
+    return sub if parts.list_parts(sub) else path
 
 
 def read_candidates(path: str) -> pa.Table:
     """Every candidate part under ``path`` (a search/evaluate output or a parts folder)."""
-    from reid_ray.embed.store import list_parts, read_part
-
-    parts = list_parts(candidates_folder(path))
-    if not parts:
+    folder = candidates_folder(path)
+    files = parts.list_parts(folder)
+    if not files:
         raise OutputError(f"no candidates under {path}: run `reid-ray search` first")
-    tables = [read_part(p).select(CANDIDATES_SCHEMA.names).cast(CANDIDATES_SCHEMA) for p in parts]
-    return pa.concat_tables(tables)
+    return parts.read_parts(folder, CANDIDATES_SCHEMA, columns=CANDIDATES_SCHEMA.names, files=files)
 
 
 def candidates_to_matrix(table: pa.Table, query_ids, k: int | None = None):

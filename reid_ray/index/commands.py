@@ -39,8 +39,7 @@ def index_command(
     gpu: str = typer.Option("auto", help="GPU index: auto, yes or no."),
 ) -> None:
     """Build a FAISS index (inner product on L2-normalised embeddings) of a gallery."""
-    from rich.console import Console
-
+    from reid_ray import console
     from reid_ray.index.jobs import index_embeddings
 
     if split and not manifest:
@@ -57,10 +56,14 @@ def index_command(
         use_gpu=_gpu(gpu),
         command="reid-ray index",
     )
-    Console().print(
-        f"[bold]index[/bold] {summary.kind} of {summary.n} x {summary.dim} "
-        f"(model {summary.key}) in {summary.seconds:.1f} s -> {summary.out}"
-        + (f"\n{summary.n_missing} selected rows had no embedding" if summary.n_missing else "")
+    console.summary(
+        "index",
+        [
+            ("index", f"{summary.kind} of {summary.n} x {summary.dim} (model {summary.key})"),
+            ("missing", f"{summary.n_missing} selected rows had no embedding"),
+            ("time", f"{summary.seconds:.1f} s"),
+            ("output", summary.out),
+        ],
     )
 
 
@@ -78,10 +81,12 @@ def search_command(
         False, help="Skip the gallery item with the query's own id (gallery vs itself)."
     ),
     nprobe: int = typer.Option(0, help="IVF lists visited per query (0: the index's)."),
+    actors: int = typer.Option(
+        0, min=0, help="Searcher actors on the Ray cluster, one index copy each (0: here)."
+    ),
 ) -> None:
     """Top-K gallery candidates of every query: query_id, rank, gallery_id, score."""
-    from rich.console import Console
-
+    from reid_ray import console
     from reid_ray.index.jobs import search_embeddings
 
     if split and not manifest:
@@ -96,11 +101,15 @@ def search_command(
         k=k,
         exclude_self=exclude_self,
         nprobe=nprobe,
+        actors=actors,
         command="reid-ray search",
     )
-    Console().print(
-        f"[bold]search[/bold] {summary.n_queries} queries, top {summary.k}: "
-        f"{summary.n_candidates} candidates in {summary.seconds:.1f} s "
-        f"({summary.queries_per_second:.0f} queries/s) -> {summary.out}"
-        + (f"\n{summary.n_missing} selected rows had no embedding" if summary.n_missing else "")
+    console.summary(
+        "search",
+        [
+            ("queries", f"{summary.n_queries}, top {summary.k}: {summary.n_candidates} candidates"),
+            ("missing", f"{summary.n_missing} selected rows had no embedding"),
+            ("time", f"{summary.seconds:.1f} s ({summary.queries_per_second:.0f} queries/s)"),
+            ("output", summary.out),
+        ],
     )

@@ -219,7 +219,7 @@ def load_index(folder: str, *, use_gpu: bool | str = "auto") -> GalleryIndex:
     """Read an index folder written by ``save_index`` (or ``reid-ray index``)."""
     import faiss
 
-    from reid_ray.embed.store import read_part
+    from reid_ray.parts import read_part
 
     meta_path = rio.join(folder, META_FILE)
     if not rio.exists(meta_path):

@@ -1,7 +1,10 @@
 """The ``index`` and ``search`` jobs: embeddings folder -> index folder -> candidates.
 
-``search_embeddings`` streams: it reads the query embeddings one Parquet part at a time and
-writes one candidates part per input part, so only the gallery index is held in memory.
+``search_embeddings`` streams: query embeddings are read in record batches and every
+batch's candidates are written as a part by the process that searched it, so memory holds
+the gallery index and one batch, never all queries. With ``actors`` > 0 the query batches
+are a Ray Dataset searched by an actor pool, each actor holding a replica of the index
+(``QuerySearcher``: the same kernel runs in-process when ``actors`` is 0).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from reid_ray import io as rio
+from reid_ray import parts
 from reid_ray.errors import ConfigError, OutputError
 from reid_ray.index.candidates import CANDIDATES_DIR, candidates_table
 from reid_ray.index.faiss_index import (
@@ -28,7 +32,8 @@ from reid_ray.index.faiss_index import (
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
+
+IDENTITIES_FILE = "identities.parquet"
 
 
 def select_rows(manifest_path: str, split_path: str | None, splits: Sequence[str]) -> pa.Table:
@@ -76,7 +81,7 @@ def index_embeddings(
 ) -> IndexSummary:
     """Build and save the index of the embeddings in ``embeddings`` (an embed output),
     restricted to the manifest rows of ``splits`` when a manifest is given."""
-    from reid_ray.embed.store import read_embeddings
+    from reid_ray.embed.store import read_embeddings  # embedding-specific reader
 
     t0 = time.perf_counter()
     identities: dict[str, str | None] = {}
@@ -102,8 +107,7 @@ def index_embeddings(
     )
     seconds = time.perf_counter() - t0
     meta = {
-        "command": command or "index",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **parts.run_record(command or "index"),
         "embeddings": embeddings,
         "manifest": manifest,
         "split": split,
@@ -113,14 +117,15 @@ def index_embeddings(
     }
     save_index(gi, out, meta)
     if identities:
-        rio.write_table_atomic(
-            rio.join(out, "identities.parquet"),
+        parts.write_part(
+            out,
             pa.table(
                 {
                     "gallery_id": pa.array(gi.ids.tolist(), pa.string()),
                     "identity": pa.array([identities.get(i) for i in gi.ids.tolist()], pa.string()),
                 }
             ),
+            name=IDENTITIES_FILE,
         )
     return IndexSummary(out, gi.kind, len(gi), gi.dim, gi.key, n_missing, seconds, meta)
 
@@ -134,6 +139,89 @@ class SearchSummary:
     n_candidates: int
     seconds: float
     queries_per_second: float
+    actors: int = 0
+
+
+class QuerySearcher:
+    """Search batches of query embeddings against a replica of the index in ``index``;
+    write each batch's candidates as a part of ``folder``; return only counts.
+
+    Runs in the driver (``actors`` 0) or as a Ray Data actor (one index per actor).
+    ``wanted``: the query ids to search (None: all). A batch from another model than the
+    index raises ``ConfigError``.
+    """
+
+    def __init__(
+        self,
+        index: str,
+        folder: str,
+        *,
+        k: int,
+        exclude_self: bool = False,
+        nprobe: int = 0,
+        wanted: list[str] | None = None,
+        threads: int = 0,
+    ) -> None:
+        if threads:
+            import faiss
+
+            faiss.omp_set_num_threads(int(threads))
+        self.gi = load_index(index)
+        if nprobe and hasattr(self.gi.index, "nprobe"):
+            self.gi.index.nprobe = int(nprobe)
+        self.folder = folder
+        self.k = int(k)
+        self.exclude_self = bool(exclude_self)
+        self.wanted = None if wanted is None else pa.array(sorted(set(wanted)), pa.string())
+        self.run = parts.new_run_id()
+        self.seq = 0
+
+    def search_table(self, table: pa.Table) -> dict[str, Any]:
+        """Candidates of ``table``'s rows (image_id, embedding, model) -> counts."""
+        import pyarrow.compute as pc
+
+        from reid_ray.embed.store import table_to_matrix
+
+        keys = set(table.column("model").unique().to_pylist())
+        if self.gi.key and keys - {self.gi.key}:
+            raise ConfigError(
+                f"query embeddings ({', '.join(sorted(keys))}) and index ({self.gi.key}) come "
+                "from different models: embed the queries with the gallery's model"
+            )
+        if self.wanted is not None:
+            table = table.filter(pc.is_in(table["image_id"], value_set=self.wanted))
+        if table.num_rows == 0:
+            return {"queries": 0, "candidates": 0, "ids": []}
+        qids = table.column("image_id").to_pylist()
+        scores, ids = search(
+            self.gi, table_to_matrix(table), self.k, query_ids=qids, exclude_self=self.exclude_self
+        )
+        cand = candidates_table(qids, scores, ids)
+        parts.write_part(self.folder, cand, run=self.run, seq=self.seq)
+        self.seq += 1
+        found = qids if self.wanted is not None else []
+        return {"queries": len(qids), "candidates": cand.num_rows, "ids": found}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        counts = self.search_table(batch)
+        return pa.table(
+            {
+                "queries": [counts["queries"]],
+                "candidates": [counts["candidates"]],
+                "ids": pa.array([counts["ids"]], pa.list_(pa.string())),
+            }
+        )
+
+
+def _query_dataset(embeddings: str, files: list[str]):
+    """The embedding parts as a Ray Dataset (workers read them; the driver never does)."""
+    import ray.data
+
+    from reid_ray.embed.store import EMBEDDINGS_SCHEMA
+
+    fs, _ = rio.arrow_filesystem(files[0])
+    bare = [rio.arrow_filesystem(f)[1] for f in files]
+    return ray.data.read_parquet(bare, filesystem=fs, schema=EMBEDDINGS_SCHEMA)
 
 
 def search_embeddings(
@@ -147,57 +235,66 @@ def search_embeddings(
     k: int = DEFAULT_K,
     exclude_self: bool = False,
     nprobe: int = 0,
+    actors: int = 0,
+    batch_size: int = 4096,
     command: str | None = None,
 ) -> SearchSummary:
     """Top-``k`` candidates of every query embedding (all of ``embeddings``, or the
     manifest rows of ``splits``) against the index folder ``index``; writes
-    ``out/candidates/part-*.parquet`` and ``out/manifest.json`` (last)."""
-    from reid_ray.embed.store import iter_parts, table_to_matrix
+    ``out/candidates/part-*.parquet`` and ``out/manifest.json`` (last).
+
+    ``actors`` 0 searches in this process; more runs that many searcher actors on the Ray
+    cluster, each with its own copy of the index, over query shards of ``batch_size``.
+    """
+    from reid_ray.embed.store import embeddings_dir
 
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
+    if actors < 0 or batch_size < 1:
+        raise ConfigError(f"actors must be >= 0 and batch_size >= 1, got {actors}, {batch_size}")
     t0 = time.perf_counter()
-    gi = load_index(index)
-    if nprobe and hasattr(gi.index, "nprobe"):
-        gi.index.nprobe = int(nprobe)
-    wanted: set[str] | None = None
-    wanted_array = None
+    gi = load_index(index)  # fails fast on a missing index; its metadata goes in the record
+    wanted: list[str] | None = None
     if manifest:
-        wanted = set(select_rows(manifest, split, splits)["image_id"].to_pylist())
-        wanted_array = pa.array(sorted(wanted), pa.string())
+        wanted = sorted(set(select_rows(manifest, split, splits)["image_id"].to_pylist()))
+    source = embeddings_dir(embeddings)
+    files = parts.list_parts(source)
+    if not files:
+        raise OutputError(f"no embeddings under {embeddings}")
     folder = rio.join(out, CANDIDATES_DIR)
     rio.makedirs(out)
-    rio.remove(rio.join(out, MANIFEST_FILE))
+    rio.remove(rio.join(out, parts.MANIFEST_FILE))
     rio.remove(folder, recursive=True)
-    n_queries = n_candidates = n_parts = 0
+    searcher_kwargs = dict(k=k, exclude_self=exclude_self, nprobe=nprobe, wanted=wanted)
+    n_queries = n_candidates = 0
     found: set[str] = set()
-    for part, table in iter_parts(embeddings):
-        n_parts += 1
-        keys = set(table.column("model").unique().to_pylist())
-        if gi.key and keys - {gi.key}:
-            raise ConfigError(
-                f"query embeddings ({', '.join(sorted(keys))}) and index ({gi.key}) come from "
-                "different models: embed the queries with the gallery's model"
-            )
-        if wanted is not None:
-            import pyarrow.compute as pc
+    if actors:
+        from reid_ray.runtime import cluster_view, init_ray, plan_pool, require_shared_output
 
-            table = table.filter(pc.is_in(table["image_id"], value_set=wanted_array))
-        if table.num_rows == 0:
-            continue
-        qids = table.column("image_id").to_pylist()
-        found.update(qids)
-        scores, ids = search(
-            gi, table_to_matrix(table), k, query_ids=qids, exclude_self=exclude_self
+        init_ray()
+        require_shared_output(out, "search --out")
+        pool = plan_pool(cluster_view(), device="cpu", actors=actors)
+        counts = _query_dataset(embeddings, files).map_batches(
+            QuerySearcher,
+            fn_constructor_args=(index, folder),
+            fn_constructor_kwargs=dict(searcher_kwargs, threads=pool.threads),
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            **pool.map_batches_kwargs(),
         )
-        cand = candidates_table(qids, scores, ids)
-        name = part.rsplit("/", 1)[-1]
-        rio.write_table_atomic(rio.join(folder, name), cand)
-        n_queries += len(qids)
-        n_candidates += cand.num_rows
-    if n_parts == 0:
-        raise OutputError(f"no embeddings under {embeddings}")
-    n_missing = len(wanted - found) if wanted is not None else 0
+        for batch in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
+            n_queries += sum(batch.column("queries").to_pylist())
+            n_candidates += sum(batch.column("candidates").to_pylist())
+            for ids in batch.column("ids").to_pylist():
+                found.update(ids)
+    else:
+        searcher = QuerySearcher(index, folder, **searcher_kwargs)
+        for batch in parts.iter_batches(source, columns=None, batch_size=batch_size):
+            c = searcher.search_table(pa.Table.from_batches([batch]))
+            n_queries += c["queries"]
+            n_candidates += c["candidates"]
+            found.update(c["ids"])
+    n_missing = len(set(wanted) - found) if wanted is not None else 0
     if n_missing:
         logger.warning("%d query row(s) have no embedding (see the embed errors)", n_missing)
     seconds = time.perf_counter() - t0
@@ -209,30 +306,25 @@ def search_embeddings(
         n_candidates,
         seconds,
         n_queries / seconds if seconds > 0 else 0.0,
+        actors,
     )
-    rio.write_json_atomic(
-        rio.join(out, MANIFEST_FILE),
-        {
-            "command": command or "search",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "index": index,
-            "index_kind": gi.kind,
-            "gallery_size": len(gi),
-            "embeddings": embeddings,
-            "model_key": gi.key,
-            "manifest": manifest,
-            "split": split,
-            "splits": list(splits) if manifest else None,
-            "k": k,
-            "exclude_self": exclude_self,
-            "counts": {
-                "queries": n_queries,
-                "missing_queries": n_missing,
-                "candidates": n_candidates,
-            },
-            "timings": {"seconds": seconds, "queries_per_second": summary.queries_per_second},
-            "layout": f"{CANDIDATES_DIR}/part-*.parquet (query_id, rank 1 = best, gallery_id, "
-            "score = cosine similarity)",
-        },
+    parts.write_run_record(
+        out,
+        command or "search",
+        counts={"queries": n_queries, "missing_queries": n_missing, "candidates": n_candidates},
+        timings={"seconds": seconds, "queries_per_second": summary.queries_per_second},
+        index=index,
+        index_kind=gi.kind,
+        gallery_size=len(gi),
+        embeddings=embeddings,
+        model_key=gi.key,
+        manifest=manifest,
+        split=split,
+        splits=list(splits) if manifest else None,
+        k=k,
+        exclude_self=exclude_self,
+        actors=actors,
+        layout=f"{CANDIDATES_DIR}/part-*.parquet (query_id, rank 1 = best, gallery_id, "
+        "score = cosine similarity)",
     )
     return summary
