@@ -1,6 +1,7 @@
 """``evaluate`` end to end on a toy-zoo split with timm:resnet18 on the local Ray cluster:
 metrics.json holds the DESIGN.md keys, agrees with a brute-force computation, the threshold
-comes from the gallery alone, reruns reuse the embeddings, and the re-rank hook is wired."""
+comes from the gallery alone (the known-vs-new decision), a second evaluate sharing the
+embeddings folder embeds nothing, and re-ranking runs through ``rerank_candidates``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from reid_ray import io as rio
 from reid_ray.errors import ConfigError
 
-MODEL = "timm:resnet18"
+MODEL = "timm-random:resnet18"
 SIZE = 64
 
 
@@ -59,7 +60,13 @@ def test_metrics_json_has_the_design_keys(evaluated, zoo):
         assert counts[f"{name}_rows"] == int((rows.split == name).sum()) > 0
         assert counts[f"{name}_missing"] == 0
     assert on_disk["model"]["ref"] == MODEL and on_disk["model"]["fingerprint"]
-    assert "leave-one-out" in on_disk["threshold_selection"]["method"]
+    open_set = on_disk["open_set"]
+    assert "No query is looked at" in open_set["method"]
+    assert open_set["threshold"] == on_disk["threshold"] and open_set["n_known"] > 0
+    assert open_set["n_known"] == open_set["n_unknown"]
+    assert "leave-identity-out" in open_set["fitted_on"]  # timm: no held-out record
+    assert 0.0 <= on_disk["auroc_known_unknown"] <= 1.0
+    assert rio.read_bytes(on_disk["open_set_plot"])[:4] == b"\x89PNG"
     assert on_disk["timings"]["total_seconds"] > 0
     assert metrics["top1"] == on_disk["top1"]
 
@@ -87,7 +94,12 @@ def test_metrics_agree_with_brute_force(evaluated, zoo):
         open_set_metrics,
         predict_with_threshold,
         retrieval_metrics_from_similarity,
-        select_threshold_loo,
+    )
+    from reid_ray.evaluation.openset import (
+        auroc,
+        choose_samples,
+        fit_decision,
+        pairs_from_matrix,
     )
 
     out, metrics = evaluated
@@ -106,13 +118,14 @@ def test_metrics_agree_with_brute_force(evaluated, zoo):
     for key in ("top1", "top5", "top20", "mAP"):
         assert metrics[key] == pytest.approx(want[key], abs=1e-6), key
 
+    # the decision from the dense gallery similarities: every other gallery image listed
     sim = G @ G.T
-    np.fill_diagonal(sim, -np.inf)
-    order = np.argsort(-sim, axis=1, kind="stable")[:, : len(g_ids) - 1]
-    threshold, _ = select_threshold_loo(
-        np.take_along_axis(sim, order, axis=1), g_ident[order], g_ident
-    )
+    others = np.array([[g for g in g_ids] for _ in g_ids], dtype=object)
+    samples = choose_samples(pairs_from_matrix(g_ids, sim, others), g_ids, identity)
+    decision = fit_decision(samples)
+    threshold = decision.threshold
     assert metrics["threshold"] == pytest.approx(threshold, abs=1e-5)
+    assert metrics["open_set"]["auroc"] == pytest.approx(decision.auroc, abs=1e-6)
 
     all_q = q_ids + u_ids
     S = np.stack([vec[i] for i in all_q]) @ G.T
@@ -121,54 +134,57 @@ def test_metrics_agree_with_brute_force(evaluated, zoo):
     open_set = open_set_metrics([identity[i] for i in all_q], predicted, set(g_ident))
     assert metrics["baks"] == pytest.approx(open_set["baks"])
     assert metrics["baus"] == pytest.approx(open_set["baus"])
+    n_q = len(q_ids)
+    want_auroc = auroc(S[:n_q].max(axis=1), S[n_q:].max(axis=1))
+    assert metrics["auroc_known_unknown"] == pytest.approx(want_auroc, abs=1e-6)
 
 
-def test_rerun_reuses_embeddings_and_the_rerank_hook(evaluated, zoo):
-    """A second evaluate in the same folder embeds nothing; a re-ranker passed as the hook
-    replaces the ranking (here an oracle that knows the identities: top-1 becomes 1.0)
-    while the global metrics are kept under ``global``."""
-    import pyarrow as pa
-
+def test_shared_embeddings_and_reranking(evaluated, zoo, tmp_path):
+    """A second evaluate into another folder that shares the first one's embeddings embeds
+    nothing; re-ranking (SIFT + classical, through ``rerank_candidates``) gives the
+    top-level metrics and its own known-vs-new decision on the calibrated probability,
+    while the global metrics stay under ``global``."""
     from reid_ray.evaluation import evaluate
+    from reid_ray.rerank import RerankConfig
 
     out, first = evaluated
-    calls = {}
-
-    def oracle(query_candidates, gallery_candidates, manifest, cfg, out_dir):
-        calls.update(n_query=query_candidates.num_rows, n_gallery=gallery_candidates.num_rows)
-        ident = dict(
-            zip(
-                manifest.table["image_id"].to_pylist(),
-                manifest.table["identity"].to_pylist(),
-                strict=True,
-            )
-        )
-        df = query_candidates.to_pandas()
-        df["score"] = [
-            float(ident[q] == ident[g]) for q, g in zip(df.query_id, df.gallery_id, strict=True)
-        ]
-        df = df.sort_values(["query_id", "score"], ascending=[True, False], kind="stable")
-        df["rank"] = df.groupby("query_id").cumcount().astype("int32") + 1
-        return {"candidates": pa.Table.from_pandas(df, preserve_index=False), "threshold": 0.5}
-
+    cfg = RerankConfig(extractor="sift", matcher="classical", top_k=5, resize_long_side=256)
+    second = str(tmp_path / "second")
     metrics = evaluate(
         str(zoo / "metadata.csv"),
         str(zoo / "split.csv"),
         MODEL,
-        out,
+        second,
         image_size=SIZE,
-        rerank=oracle,
+        embed_dir=rio.join(out, "embed"),
+        rerank=cfg,
     )
     embed_info = rio.read_json(rio.join(out, "embed", "manifest.json"))
     assert embed_info["counts"]["embedded"] == 0
     assert embed_info["counts"]["already_embedded"] == sum(
         first["counts"][f"{s}_rows"] for s in ("query", "gallery", "query_unknown")
     )
-    assert calls["n_query"] == first["counts"]["candidates"] and calls["n_gallery"] > 0
-    assert metrics["top1"] == 1.0 and metrics["baks"] == 1.0 and metrics["baus"] == 1.0
-    assert metrics["threshold"] == 0.5
+    assert not rio.exists(rio.join(second, "embed"))
+    for key in ("top1", "top5", "top20", "mAP", "baks", "baus", "threshold"):
+        assert metrics[key] is not None and np.isfinite(metrics[key]), key
     assert metrics["global"]["top1"] == pytest.approx(first["top1"])
-    assert metrics["global"]["mAP"] == pytest.approx(first["mAP"])
+    assert metrics["global"]["threshold"] == pytest.approx(first["threshold"])
+    assert metrics["open_set"]["fitted_on"].startswith("re-ranking calibration pairs")
+    assert "P(same)" in metrics["open_set"]["score"]
+    assert 0.0 <= metrics["threshold"] <= 1.0  # a probability
+    assert metrics["open_set_plot"].endswith("open_set_rerank.png")
+    assert metrics["rerank"]["stats"]["calibration"]["pairs"] > 0
+    assert metrics["top5"] == pytest.approx(metrics["global"]["top5"])  # re-ranks the top-5
+
+
+def test_bad_rerank_and_decision_arguments_fail_fast(zoo, tmp_path):
+    from reid_ray.evaluation import evaluate
+
+    args = (str(zoo / "metadata.csv"), str(zoo / "split.csv"), MODEL, str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="rerank must be True or a RerankConfig"):
+        evaluate(*args, rerank="sift")
+    with pytest.raises(ConfigError, match="decision must be a DecisionConfig"):
+        evaluate(*args, decision={"rule": "balanced"})
 
 
 def test_split_without_gallery_fails_fast(zoo, tmp_path):

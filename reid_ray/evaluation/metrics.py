@@ -318,47 +318,87 @@ def select_threshold_loo(
         logger.warning("select_threshold_loo: no threshold selected (%s)", info["reason"])
         return NAN, info
 
-    # weights that make sums into balanced (per-identity) means
-    def weights(mask: np.ndarray) -> np.ndarray:
-        per_id = np.bincount(gid[mask], minlength=len(counts)).astype(np.float64)
-        n_ids = float((per_id > 0).sum())
-        return 1.0 / (n_ids * per_id[gid[mask]])
-
-    # only right known samples and unknown samples move the objective
-    wk = weights(known)
-    k_scores = known_score[known][known_right[known]]
-    k_w = wk[known_right[known]]
-    u_scores = unknown_score[unknown]
-    u_w = weights(unknown)
-
-    values = np.unique(np.concatenate([k_scores, u_scores]))
-    # candidate j accepts exactly the scores >= values[j]; the last accepts none
-    k_order = np.argsort(k_scores)
-    k_cum = np.concatenate([[0.0], np.cumsum(k_w[k_order])])  # weight of the lowest i
-    u_order = np.argsort(u_scores)
-    u_cum = np.concatenate([[0.0], np.cumsum(u_w[u_order])])
-    cut = np.concatenate([values, [np.inf]])
-    below_k = np.searchsorted(k_scores[k_order], cut, side="left")
-    below_u = np.searchsorted(u_scores[u_order], cut, side="left")
-    # clipped: cumulative sums of many small weights drift by ~1e-12
-    baks = np.clip(k_cum[-1] - k_cum[below_k], 0.0, 1.0)  # right known samples, score >= cut
-    baus = np.clip(u_cum[below_u], 0.0, 1.0)  # unknown samples with score < cut
-    objective = (baks + baus) / 2.0
-    best = np.flatnonzero(objective >= objective.max() - 1e-9)
-    j = int(best[(len(best) - 1) // 2])
-    if j == 0:
-        threshold = float(values[0])
-    elif j == len(values):
-        threshold = float(np.nextafter(values[-1], np.inf))
-    else:
-        threshold = float((values[j - 1] + values[j]) / 2.0)
+    curve = balanced_threshold_curve(
+        known_score[known], known_right[known], gallery_str[known],
+        unknown_score[unknown], gallery_str[unknown],
+    )  # fmt: skip
+    j = best_balanced_index(curve)
     info.update(
-        baks=float(baks[j]),
-        baus=float(baus[j]),
-        objective=float(objective[j]),
-        n_candidates=len(cut),
+        baks=float(curve["baks"][j]),
+        baus=float(curve["baus"][j]),
+        objective=float((curve["baks"][j] + curve["baus"][j]) / 2.0),
+        n_candidates=len(curve["cut"]),
     )
-    return threshold, info
+    return threshold_at(curve, j), info
+
+
+def _balanced_weights(groups: np.ndarray) -> np.ndarray:
+    """Per-sample weights summing to 1 that give every group (identity) the same total."""
+    if len(groups) == 0:
+        return np.zeros(0, dtype=np.float64)
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    return 1.0 / (len(counts) * counts[inverse].astype(np.float64))
+
+
+def balanced_threshold_curve(
+    known_scores: np.ndarray,
+    known_right: np.ndarray,
+    known_groups: np.ndarray,
+    unknown_scores: np.ndarray,
+    unknown_groups: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Open-set accuracies of every distinct threshold, in one pass (sort + cumulative sums).
+
+    A sample is accepted as known when its score >= the threshold
+    (:func:`predict_with_threshold`). Known samples are right when accepted with the right
+    top-1 identity; unknown samples when rejected. Rates are balanced per group (identity),
+    as BAKS/BAUS are. Returns arrays over the candidate cuts: ``cut`` (the distinct scores,
+    then ``inf`` which accepts nothing), ``values`` (the distinct scores), ``baks``,
+    ``baus``, ``false_new`` (balanced share of known samples rejected) and ``false_known``
+    (share of unknown samples accepted, ``1 - baus``).
+    """
+    ks = np.asarray(known_scores, dtype=np.float64)
+    kr = np.asarray(known_right, dtype=bool)
+    us = np.asarray(unknown_scores, dtype=np.float64)
+    kw = _balanced_weights(np.asarray(known_groups).astype(str))
+    uw = _balanced_weights(np.asarray(unknown_groups).astype(str))
+    values = np.unique(np.concatenate([ks, us]))
+    cut = np.concatenate([values, [np.inf]])
+
+    def below(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Total weight of the samples scoring below each cut."""
+        order = np.argsort(scores, kind="stable")
+        cum = np.concatenate([[0.0], np.cumsum(weights[order])])
+        return cum[np.searchsorted(scores[order], cut, side="left")]
+
+    # clipped: cumulative sums of many small weights drift by ~1e-12
+    right_w = np.where(kr, kw, 0.0)
+    baks = np.clip(right_w.sum() - below(ks, right_w), 0.0, 1.0)
+    false_new = np.clip(below(ks, kw), 0.0, 1.0)
+    baus = np.clip(below(us, uw), 0.0, 1.0)
+    return {
+        "cut": cut, "values": values, "baks": baks, "baus": baus,
+        "false_new": false_new, "false_known": 1.0 - baus,
+    }  # fmt: skip
+
+
+def best_balanced_index(curve: dict[str, np.ndarray]) -> int:
+    """The cut maximising (BAKS + BAUS) / 2; ties: the middle best cut (the lower of two),
+    so the threshold sits in the gap between separated groups."""
+    objective = (curve["baks"] + curve["baus"]) / 2.0
+    best = np.flatnonzero(objective >= objective.max() - 1e-9)
+    return int(best[(len(best) - 1) // 2])
+
+
+def threshold_at(curve: dict[str, np.ndarray], j: int) -> float:
+    """A threshold that accepts exactly what cut ``j`` accepts: the midpoint between the two
+    scores that bound it (the lowest score for cut 0, just above the highest for the last)."""
+    values = curve["values"]
+    if j == 0:
+        return float(values[0])
+    if j == len(values):
+        return float(np.nextafter(values[-1], np.inf))
+    return float((values[j - 1] + values[j]) / 2.0)
 
 
 # --------------------------------------------------------------------------------------

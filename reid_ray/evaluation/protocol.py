@@ -7,12 +7,18 @@ searches every query (top ``k``, default 100) and writes:
 - ``OUT/candidates/part-*.parquet``: the query candidates (query_id, rank, gallery_id,
   score), which re-ranking starts from;
 - ``OUT/metrics.json`` (last): ``top1``, ``top5``, ``top20``, ``mAP`` over the ``query``
-  rows; with ``query_unknown`` rows also ``baks``, ``baus`` and the ``threshold`` used, plus
-  counts, the model, timings and how the threshold was chosen.
+  rows; with ``query_unknown`` rows also ``baks``, ``baus``, the ``threshold`` used and the
+  threshold-free ``auroc_known_unknown`` (top-1 score of known vs unknown queries), plus the
+  known-vs-new decision record (``open_set``), its plot (``open_set_plot``), counts, the
+  model and timings;
+- ``OUT/open_set.png``: BAKS/BAUS against the threshold, simulated and observed.
 
-The open-set threshold is chosen without looking at the queries: leave-one-out on the
-gallery (``reid_ray.evaluation.metrics.select_threshold_loo`` over each gallery item's
-neighbours among the other gallery items), exactly what a nightly job without labels can do.
+The known-vs-new decision is fitted without looking at the queries
+(:mod:`reid_ray.evaluation.openset`): the gallery plays queries with their own image or
+their whole identity (and session, with a ``date`` column) left out, on the images the
+model never trained on when the checkpoint records them. With re-ranking the same decision
+is fitted on the calibrated probability of the re-ranking's calibration pairs, each
+calibration query once with and once without its own identity.
 """
 
 from __future__ import annotations
@@ -107,53 +113,45 @@ def _write_candidates(folder: str, query_ids, scores, cand_ids) -> int:
     return n
 
 
-def _run_rerank(rerank: Any, **kwargs) -> dict[str, Any]:
-    """The re-ranking hook.
+def _heldout_ids(model_ref: str) -> frozenset[str] | None:
+    """Image ids the checkpoint's training held out (whole identities), if it records them
+    (what ``reid_ray.models.load(ref).heldout_ids`` gives, without loading the weights)."""
+    from reid_ray.models import parse_ref, read_heldout_ids
 
-    ``rerank`` is True (``reid_ray.rerank.rerank_with_calibration`` with default settings),
-    a ``RerankConfig``, or a callable with the signature of ``rerank_with_calibration``
-    (query_candidates, gallery_candidates, manifest, cfg, out_dir). The result is either
-    ``rerank_with_calibration``'s ``(reranked, fusion, info)`` -- ranked by ``new_rank``,
-    scored by the calibrated ``probability``, thresholded at ``fusion.threshold`` -- or a
-    dict / object with ``candidates`` (query_id, rank, gallery_id, score) and ``threshold``.
-    """
-    if callable(rerank) and not isinstance(rerank, bool):
-        fn, cfg = rerank, None
-    else:
-        try:
-            from reid_ray.rerank import load_rerank_config
-            from reid_ray.rerank import rerank_with_calibration as fn
-        except ImportError as exc:
-            raise ConfigError(f"--rerank: the re-ranking stage is not available ({exc})") from None
-        cfg = load_rerank_config() if rerank is True else rerank
-    result = fn(cfg=cfg, **kwargs)
-    if isinstance(result, tuple) and len(result) == 3:
-        reranked, fusion, info = result
-        table = pa.table(
-            {
-                "query_id": reranked["query_id"].cast(pa.string()),
-                "rank": reranked["new_rank"].cast(pa.int32()),
-                "gallery_id": reranked["gallery_id"].cast(pa.string()),
-                "score": reranked["probability"].cast(pa.float32()),
-            }
+    if parse_ref(model_ref).kind != "checkpoint":
+        return None
+    return read_heldout_ids(model_ref)
+
+
+def _top1(query_ids, scores, cand, identity_of, unknown_ids):
+    """Top-1 score, whether it is right, and the true identity, split known / unknown."""
+    true = _identities(np.asarray(query_ids, dtype=object), identity_of)
+    top_score = scores[:, 0].astype(np.float64) if scores.shape[1] else np.full(len(true), -np.inf)
+    top_id = _identities(cand[:, 0], identity_of) if cand.shape[1] else np.full(len(true), None)
+    unknown = np.array([q in unknown_ids for q in np.asarray(query_ids).tolist()], dtype=bool)
+    right = np.array([t == p for t, p in zip(true.tolist(), top_id.tolist(), strict=True)])
+    return top_score, right.astype(bool), true.astype(str), unknown
+
+
+def _open_set(
+    decision, query_ids, scores, cand, identity_of, unknown_ids, plot_path: str, title: str
+) -> dict[str, Any]:
+    """The decision's record, the observed known-vs-unknown AUROC of the queries (threshold
+    free) and the BAKS/BAUS-against-threshold plot (simulated and observed curves)."""
+    from reid_ray.evaluation.metrics import balanced_threshold_curve
+    from reid_ray.evaluation.openset import auroc, plot_decision
+
+    top_score, right, true, unknown = _top1(query_ids, scores, cand, identity_of, unknown_ids)
+    observed = None
+    if unknown.any() and (~unknown).any():
+        observed = balanced_threshold_curve(
+            top_score[~unknown], right[~unknown], true[~unknown], top_score[unknown], true[unknown]
         )
-        info = dict(info)
-        errors = info.pop("errors", None)
-        info["errors"] = int(errors.num_rows) if errors is not None else 0
-        info["ranking"] = "fused score; score = calibrated P(same individual)"
-        return {"candidates": table, "threshold": float(fusion.threshold), "info": info}
-    if isinstance(result, pa.Table):
-        return {"candidates": result, "threshold": None, "info": {}}
-    if isinstance(result, dict):
-        return {
-            "candidates": result["candidates"],
-            "threshold": result.get("threshold"),
-            "info": {k: v for k, v in result.items() if k not in ("candidates", "threshold")},
-        }
+    plot = plot_decision(decision, plot_path, observed=observed, title=title)
     return {
-        "candidates": result.candidates,
-        "threshold": getattr(result, "threshold", None),
-        "info": getattr(result, "info", {}) or {},
+        "auroc_known_unknown": auroc(top_score[~unknown], top_score[unknown]),
+        "open_set": decision.to_dict(),
+        "open_set_plot": plot,
     }
 
 
@@ -166,10 +164,14 @@ def evaluate(
     rerank: Any = None,
     image_size: int | None = None,
     embed_cfg=None,
+    embed_dir: str | None = None,
+    decision=None,
+    heldout_ids=None,
     k: int = 100,
     exact_threshold: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    rerank_progress=None,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark protocol and write ``OUT/metrics.json``; returns the metrics.
@@ -179,27 +181,49 @@ def evaluate(
         split_path: a split file (``image_id,split``); None uses the manifest's ``split``.
         model_ref: any model reference (``timm:NAME``, ``hf-hub:ORG/NAME``, checkpoint).
         out: output folder (local or s3://).
-        rerank: None (global ranking only), True / a re-rank config (re-rank the
-            candidates with ``reid_ray.rerank``), or a callable with the same signature as
-            ``rerank_with_calibration``; the top-level metrics are then the re-ranked ones,
-            the global ones stay under ``global``.
+        rerank: None (global ranking only), True or a ``RerankConfig``: re-rank the
+            candidates with ``reid_ray.rerank.rerank_candidates``, calibrated on the
+            gallery's leave-one-out candidates; the top-level metrics are then the
+            re-ranked ones, the global ones stay under ``global``.
         image_size: override of the model's input side.
         embed_cfg: an ``EmbedConfig`` (its ``image_size`` is replaced by ``image_size``
             when given).
+        embed_dir: where the embeddings are cached (default ``OUT/embed``): calls with the
+            same model share one folder, so each image is embedded once.
+        decision: a ``DecisionConfig`` (how the known-vs-new threshold is chosen).
+        heldout_ids: image ids the model never trained on (default: what the checkpoint
+            records); the known-vs-new decision is fitted on those when enough are in the
+            gallery.
         k: candidates per query (capped at the gallery size).
         exact_threshold: gallery size up to which search is exact (default: the index's).
-        overwrite: replace cached embeddings of another model in ``OUT/embed``.
+        overwrite: replace cached embeddings of another model in the embeddings folder.
         progress: ``progress(done, total)`` during embedding.
+        rerank_progress: ``progress(stage, done, total)`` during re-ranking.
     """
     from reid_ray.data import read_manifest
     from reid_ray.data.manifest import Manifest
     from reid_ray.embed import EmbedConfig, read_embeddings
     from reid_ray.embed.pipeline import embed_manifest
-    from reid_ray.evaluation.metrics import select_threshold_loo
+    from reid_ray.evaluation.openset import (
+        DecisionConfig,
+        choose_samples,
+        fit_decision,
+        pairs_from_matrix,
+    )
     from reid_ray.index import DEFAULT_EXACT_THRESHOLD, build_index, search
 
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
+    if decision is not None and not isinstance(decision, DecisionConfig):
+        raise ConfigError(f"decision must be a DecisionConfig, got {type(decision).__name__}")
+    decision_cfg = decision or DecisionConfig()
+    rerank_cfg = None
+    if rerank:
+        from reid_ray.rerank import RerankConfig, load_rerank_config
+
+        rerank_cfg = load_rerank_config() if rerank is True else rerank
+        if not isinstance(rerank_cfg, RerankConfig):
+            raise ConfigError(f"rerank must be True or a RerankConfig, got {type(rerank).__name__}")
     t0 = time.perf_counter()
     cfg = embed_cfg or EmbedConfig()
     if image_size is not None:
@@ -218,6 +242,10 @@ def evaluate(
     ids_all = selected.table["image_id"].to_pylist()
     identity_of = dict(zip(ids_all, selected.table["identity"].to_pylist(), strict=True))
     split_of = dict(zip(ids_all, split_col, strict=True))
+    session_of = None
+    if "date" in selected.table.column_names:
+        dates = [None if d is None else str(d) for d in selected.table["date"].to_pylist()]
+        session_of = {i: d for i, d in zip(ids_all, dates, strict=True) if d}
     unlabelled = [i for i in ids_all if identity_of[i] is None]
     if unlabelled:
         raise ConfigError(
@@ -227,9 +255,9 @@ def evaluate(
     rio.makedirs(out)
     rio.remove(rio.join(out, METRICS_FILE))
 
-    # 1. embed (cached, resumable)
+    # 1. embed (cached, resumable, shared between calls with the same model)
     t = time.perf_counter()
-    embed_out = rio.join(out, EMBED_DIR)
+    embed_out = embed_dir or rio.join(out, EMBED_DIR)
     summary = embed_manifest(
         Manifest(selected.table, manifest.errors, list(manifest.warnings), manifest.source),
         model_ref,
@@ -250,7 +278,7 @@ def evaluate(
     embedded = {"query": q_rows, "gallery": g_rows, "query_unknown": u_rows}
     missing = {s: counts[s] - len(embedded[s]) for s in EVAL_SPLITS}
     if len(g_rows) == 0:
-        raise ConfigError("no gallery image could be embedded (see OUT/embed/errors)")
+        raise ConfigError(f"no gallery image could be embedded (see {embed_out}/errors)")
     gallery_ids = emb.ids[g_rows]
     gallery_identities = _identities(gallery_ids, identity_of)
 
@@ -269,7 +297,8 @@ def evaluate(
     query_ids = emb.ids[qu_rows]
     scores, cand = search(index, emb.matrix[qu_rows], k_eff)
     n_candidates = _write_candidates(rio.join(out, CANDIDATES_DIR), query_ids, scores, cand)
-    # leave-one-out neighbours of every gallery item, for the threshold (and calibration)
+    # leave-one-out neighbours of every gallery item: the open-set simulation and the
+    # re-ranking calibration
     k_loo = min(k, len(g_rows) - 1)
     if k_loo >= 1:
         loo_scores, loo_ids = search(
@@ -281,51 +310,41 @@ def evaluate(
     _write_candidates(rio.join(out, GALLERY_CANDIDATES_DIR), gallery_ids, loo_scores, loo_ids)
     search_seconds = time.perf_counter() - t
 
-    # 3. threshold (gallery only) and metrics
-    threshold, threshold_info = select_threshold_loo(
-        loo_scores, _identities(loo_ids, identity_of), gallery_identities
-    )
-    unknown_ids = set(emb.ids[u_rows].tolist())
-    global_metrics = score_ranking(
-        query_ids,
-        scores,
-        cand,
+    # 3. the known-vs-new decision (gallery only) and the metrics
+    if heldout_ids is None:
+        heldout_ids = _heldout_ids(model_ref)
+    gallery_list = gallery_ids.tolist()
+    samples = choose_samples(
+        pairs_from_matrix(gallery_ids, loo_scores, loo_ids),
+        gallery_list,
         identity_of,
-        gallery_identities,
-        unknown_ids=unknown_ids,
-        threshold=threshold,
+        session_of=session_of,
+        heldout_ids=heldout_ids,
+        cfg=decision_cfg,
     )
-    metrics: dict[str, Any] = dict(global_metrics)
-    if unknown_ids:
-        metrics["threshold"] = threshold
-    rerank_info = None
-    if rerank:
-        from reid_ray.index.candidates import candidates_to_matrix, read_candidates
+    decided = fit_decision(samples, decision_cfg, score="cosine similarity of the top-1")
+    unknown_ids = set(emb.ids[u_rows].tolist())
 
-        t = time.perf_counter()
-        result = _run_rerank(
-            rerank,
-            query_candidates=read_candidates(rio.join(out, CANDIDATES_DIR)),
-            gallery_candidates=read_candidates(rio.join(out, GALLERY_CANDIDATES_DIR)),
-            manifest=selected,
-            out_dir=rio.join(out, "rerank"),
-        )
-        r_scores, r_ids = candidates_to_matrix(result["candidates"], query_ids, k_eff)
-        r_threshold = result["threshold"]
-        reranked = score_ranking(
-            query_ids,
-            r_scores,
-            r_ids,
-            identity_of,
-            gallery_identities,
-            unknown_ids=unknown_ids,
-            threshold=r_threshold,
-        )
-        metrics = dict(reranked)
+    def scored(s, c, dec, plot_name: str, title: str) -> dict[str, Any]:
+        m = score_ranking(
+            query_ids, s, c, identity_of, gallery_identities,
+            unknown_ids=unknown_ids, threshold=dec.threshold,
+        )  # fmt: skip
         if unknown_ids:
-            metrics["threshold"] = r_threshold
-        metrics["global"] = {**global_metrics, "threshold": threshold}
-        rerank_info = {"seconds": time.perf_counter() - t, **result["info"]}
+            m["threshold"] = dec.threshold
+            m.update(_open_set(dec, query_ids, s, c, identity_of, unknown_ids,
+                               rio.join(out, plot_name), title))  # fmt: skip
+        return m
+
+    global_metrics = scored(scores, cand, decided, "open_set.png", f"{model_ref}: global score")
+    metrics: dict[str, Any] = dict(global_metrics)
+    rerank_info = None
+    if rerank_cfg is not None:
+        metrics, rerank_info = _rerank(
+            out, rerank_cfg, selected, query_ids, k_eff, gallery_list, identity_of,
+            session_of, heldout_ids, decision_cfg, scored, rerank_progress, overwrite,
+        )  # fmt: skip
+        metrics["global"] = global_metrics
 
     metrics.update(
         {
@@ -339,8 +358,15 @@ def evaluate(
                 "fingerprint": summary.fingerprint,
                 "key": summary.key,
                 "embedding_dim": summary.embedding_dim,
+                "heldout_images": None if heldout_ids is None else len(heldout_ids),
             },
-            "config": {"k": k, "embed": cfg.to_dict(), "rerank": bool(rerank)},
+            "config": {
+                "k": k,
+                "embed": cfg.to_dict(),
+                "embed_dir": embed_out,
+                "rerank": None if rerank_cfg is None else _config_dict(rerank_cfg),
+                "decision": _config_dict(decision_cfg),
+            },
             "counts": {
                 **{f"{s}_rows": counts[s] for s in EVAL_SPLITS},
                 **{f"{s}_missing": missing[s] for s in EVAL_SPLITS},
@@ -350,14 +376,6 @@ def evaluate(
                 "candidates": n_candidates,
             },
             "index": {"kind": index.kind, "n": len(index), "k": k_eff},
-            "threshold_selection": {
-                "method": "leave-one-out on the gallery: each gallery item queries the "
-                "others, once as a known sample and once as if its individual were new; "
-                "the threshold maximises (BAKS + BAUS) / 2 of that simulation. "
-                "No query is looked at.",
-                "threshold": threshold,
-                **threshold_info,
-            },
             "rerank": rerank_info,
             "timings": {
                 "embed_seconds": embed_seconds,
@@ -369,7 +387,10 @@ def evaluate(
             "metrics_measure": "top-k: fraction of query rows whose first correct gallery "
             "image is within the first k candidates; mAP over the query rows (relevant = "
             "gallery images of the same identity); baks/baus: balanced accuracy on known/"
-            "unknown individuals over query + query_unknown rows, with the threshold above.",
+            "unknown individuals over query + query_unknown rows, with the threshold of the "
+            "known-vs-new decision (open_set: fitted on the gallery alone, never on the "
+            "queries); auroc_known_unknown: ROC AUC of the top-1 score, known vs unknown "
+            "queries (threshold free).",
         }
     )
     rio.write_json_atomic(rio.join(out, METRICS_FILE), metrics)
@@ -382,3 +403,62 @@ def evaluate(
         len(g_rows),
     )
     return metrics
+
+
+def _config_dict(cfg) -> dict[str, Any]:
+    from reid_ray.config import to_dict
+
+    return to_dict(cfg)
+
+
+def _rerank(
+    out, cfg, manifest, query_ids, k_eff, gallery_ids, identity_of, session_of, heldout_ids,
+    decision_cfg, scored, progress, overwrite,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Re-rank the query candidates (calibrated on the gallery's leave-one-out candidates)
+    and score them; the known-vs-new decision is refitted on the calibrated probability of
+    the calibration pairs."""
+    from reid_ray.evaluation.openset import choose_samples, fit_decision
+    from reid_ray.index.candidates import candidates_to_matrix, read_candidates
+    from reid_ray.rerank import rerank_candidates
+
+    t = time.perf_counter()
+    result = rerank_candidates(
+        read_candidates(rio.join(out, CANDIDATES_DIR)),
+        manifest,
+        cfg,
+        rio.join(out, "rerank"),
+        calibration_candidates=read_candidates(rio.join(out, GALLERY_CANDIDATES_DIR)),
+        progress=progress,
+        overwrite=overwrite,
+    )
+    ranked = result.ranked
+    table = pa.table(
+        {
+            "query_id": ranked["query_id"].cast(pa.string()),
+            "rank": ranked["rank"].cast(pa.int32()),
+            "gallery_id": ranked["gallery_id"].cast(pa.string()),
+            "score": ranked["probability"].cast(pa.float64()),
+        }
+    )
+    r_scores, r_ids = candidates_to_matrix(table, query_ids, k_eff)
+    calib = result.calibration.to_pandas() if result.calibration is not None else None
+    if calib is None or calib.empty:
+        raise ConfigError("re-ranking returned no calibration pairs: no known-vs-new decision")
+    pairs = calib[["query_id", "gallery_id"]].assign(score=calib["probability"].astype(float))
+    samples = choose_samples(
+        pairs, gallery_ids, identity_of, session_of=session_of, heldout_ids=heldout_ids,
+        cfg=decision_cfg,
+    )  # fmt: skip
+    samples.fitted_on = f"re-ranking calibration pairs; {samples.fitted_on}"
+    decided = fit_decision(samples, decision_cfg, score="calibrated P(same) of the top-1")
+    metrics = scored(r_scores, r_ids, decided, "open_set_rerank.png",
+                     f"re-ranked ({cfg.extractor} + {cfg.matcher})")  # fmt: skip
+    info = {
+        "seconds": time.perf_counter() - t,
+        "ranking": "fused score; score = calibrated P(same individual)",
+        "errors": int(result.errors.num_rows) if result.errors is not None else 0,
+        "fusion_weight": float(result.fusion.weight),
+        "stats": result.stats,
+    }
+    return metrics, info
