@@ -119,6 +119,14 @@ def route_ray_logs(log_file: str | None) -> str | None:
         lg.setLevel(logging.INFO)
         if (name == "ray" or not lg.propagate) and file_handler not in lg.handlers:
             lg.addHandler(file_handler)
+        if name == "ray" and not any(
+            not isinstance(h, logging.FileHandler) for h in lg.handlers
+        ):  # ray.init(configure_logging=False) removed its terminal handler: warnings need one
+            terminal = logging.StreamHandler()
+            terminal.setLevel(logging.WARNING)
+            terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            terminal.addFilter(_ToFileOnly(file_handler))
+            lg.addHandler(terminal)
     # records Ray logs while its handlers are cleared (inside ray.init) fall to Python's
     # last-resort handler: filter the routine ones at their own loggers
     for name in ROUTINE_NOTICES:
