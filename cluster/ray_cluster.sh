@@ -1,0 +1,164 @@
+# shellcheck shell=bash
+# Start, check and stop a Ray cluster from a batch script; sourced by slurm_ray.sbatch.
+#
+# The functions run on any machine, with or without Slurm (tests/test_cluster_slurm.py runs a
+# head and a worker on 127.0.0.1 with them). With RR_LAUNCH_NODE set to a host name and
+# Slurm present, each `ray start` runs on that host through `srun`; otherwise it runs here.
+#
+#   rr_job_dirs ID            per-job temp and spill folders: RR_TMP, RR_SPILL
+#   rr_start_head IP PORT     `ray start --head --block` in the background (RR_PIDS)
+#   rr_start_worker ADDRESS   `ray start --address --block` in the background (RR_PIDS)
+#   rr_wait_gcs IP PORT SECS  until the head's GCS port accepts connections (or fail)
+#   rr_wait_nodes ADDR N SECS until `ray status` lists N alive nodes (or fail)
+#   rr_wait_dashboard URL SECS until the job API answers (or fail)
+#   rr_submit URL ID -- CMD   `ray job submit` and check that the job SUCCEEDED
+#   rr_cleanup                stop what rr_start_* started (by PID), remove RR_TMP
+#
+# Settings (environment): RR_NUM_CPUS, RR_NUM_GPUS, RR_DASHBOARD_PORT (8265),
+# RR_HEAD_ARGS / RR_WORKER_ARGS (extra `ray start` arguments, e.g. ports when several nodes
+# share one machine), RR_TMP_ROOT (/tmp), RR_KEEP_TMP=1 (keep logs after the job).
+# Readiness is polled, never a fixed sleep: every wait fails with a message after its timeout
+# or as soon as the process it waits for has died.
+
+RR_PIDS=()
+
+rr_log() { echo "[reid-ray $(date -u +%H:%M:%S)] $*" >&2; }
+
+rr_job_dirs() {
+    # Ray's socket paths must stay short (< 108 bytes): keep the root short too.
+    local id=${1:?job id}
+    RR_TMP="${RR_TMP_ROOT:-/tmp}/rr-$id"
+    RR_SPILL="$RR_TMP/spill"
+    mkdir -p "$RR_TMP" "$RR_SPILL"
+    export RR_TMP RR_SPILL
+}
+
+_rr_launcher() {
+    # the prefix that runs a command on RR_LAUNCH_NODE: srun under Slurm, nothing here
+    RR_LAUNCHER=()
+    if [[ -n "${RR_LAUNCH_NODE:-}" && -n "${SLURM_JOB_ID:-}" ]]; then
+        RR_LAUNCHER=(srun --nodes=1 --ntasks=1 --overlap -w "$RR_LAUNCH_NODE")
+    fi
+}
+
+_rr_resources() {
+    local args=()
+    [[ -n "${RR_NUM_CPUS:-}" ]] && args+=(--num-cpus="$RR_NUM_CPUS")
+    [[ -n "${RR_NUM_GPUS:-}" ]] && args+=(--num-gpus="$RR_NUM_GPUS")
+    echo "${args[@]}"
+}
+
+rr_start_head() {
+    local ip=${1:?head ip} port=${2:?gcs port}
+    : "${RR_TMP:?call rr_job_dirs first}"
+    _rr_launcher
+    # shellcheck disable=SC2046,SC2086
+    "${RR_LAUNCHER[@]}" ray start --head --block --node-ip-address="$ip" --port="$port" \
+        --temp-dir="$RR_TMP" --object-spilling-directory="$RR_SPILL" \
+        --include-dashboard=true --dashboard-host="$ip" \
+        --dashboard-port="${RR_DASHBOARD_PORT:-8265}" --disable-usage-stats \
+        $(_rr_resources) ${RR_HEAD_ARGS:-} >"$RR_TMP/head.out" 2>&1 &
+    RR_HEAD_PID=$!
+    RR_PIDS+=("$RR_HEAD_PID")
+    rr_log "Ray head starting on $ip:$port (pid $RR_HEAD_PID, temp $RR_TMP)"
+}
+
+rr_start_worker() {
+    local address=${1:?head address} name=${2:-worker}
+    : "${RR_TMP:?call rr_job_dirs first}"
+    _rr_launcher
+    # shellcheck disable=SC2046,SC2086
+    "${RR_LAUNCHER[@]}" ray start --block --address="$address" \
+        --temp-dir="$RR_TMP" --object-spilling-directory="$RR_SPILL" --disable-usage-stats \
+        $(_rr_resources) ${RR_WORKER_ARGS:-} >"$RR_TMP/$name.out" 2>&1 &
+    RR_PIDS+=($!)
+    rr_log "Ray worker $name joining $address (pid $!)"
+}
+
+_rr_alive_or_fail() {
+    local pid
+    for pid in "${RR_PIDS[@]}"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            rr_log "a Ray process (pid $pid) exited during start-up; its output:"
+            tail -n 30 "$RR_TMP"/*.out >&2 2>/dev/null || true
+            return 1
+        fi
+    done
+}
+
+rr_wait_gcs() {
+    local ip=${1:?ip} port=${2:?port} timeout=${3:-120} start=$SECONDS
+    until (exec 3<>"/dev/tcp/$ip/$port") 2>/dev/null; do
+        _rr_alive_or_fail || return 1
+        if ((SECONDS - start >= timeout)); then
+            rr_log "GCS $ip:$port not reachable after ${timeout}s"
+            return 1
+        fi
+        sleep 1
+    done
+    rr_log "GCS $ip:$port is up after $((SECONDS - start))s"
+}
+
+rr_count_nodes() {
+    # alive nodes in `ray status` ("Active:" lines such as " 1 node_ab12...")
+    ray status --address="${1:?address}" 2>/dev/null |
+        awk '/^Active:/{a=1;next} /^(Pending|Recent failures):/{a=0} a&&$2~/^node_/{n+=$1} END{print n+0}'
+}
+
+rr_wait_nodes() {
+    local address=${1:?address} want=${2:?nodes} timeout=${3:-300} start=$SECONDS have=0
+    while :; do
+        have=$(rr_count_nodes "$address")
+        ((have >= want)) && break
+        _rr_alive_or_fail || return 1
+        if ((SECONDS - start >= timeout)); then
+            rr_log "only $have of $want Ray nodes alive after ${timeout}s"
+            return 1
+        fi
+        sleep 2
+    done
+    rr_log "$have Ray node(s) alive after $((SECONDS - start))s"
+}
+
+rr_wait_dashboard() {
+    local url=${1:?dashboard url} timeout=${2:-120} start=$SECONDS
+    until ray job list --address="$url" >/dev/null 2>&1; do
+        _rr_alive_or_fail || return 1
+        if ((SECONDS - start >= timeout)); then
+            rr_log "job API at $url not answering after ${timeout}s"
+            return 1
+        fi
+        sleep 2
+    done
+    rr_log "job API at $url is up"
+}
+
+rr_submit() {
+    # rr_submit URL SUBMISSION_ID [ray job submit options] -- CMD...; fails unless SUCCEEDED
+    local url=${1:?dashboard url} id=${2:?submission id}
+    shift 2
+    ray job submit --address="$url" --submission-id="$id" "$@" || true
+    local status
+    status=$(ray job status --address="$url" "$id" 2>&1 | grep -o -E 'SUCCEEDED|FAILED|STOPPED' | tail -n 1)
+    rr_log "job $id: ${status:-UNKNOWN}"
+    [[ "$status" == SUCCEEDED ]]
+}
+
+rr_cleanup() {
+    # Stop only what this script started, by PID: `ray start --block` stops its Ray
+    # processes when it is terminated (under Slurm, srun forwards the signal).
+    local pid waited=0
+    for pid in "${RR_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${RR_PIDS[@]}"; do
+        while kill -0 "$pid" 2>/dev/null && ((waited < 60)); do
+            sleep 1
+            waited=$((waited + 1))
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    RR_PIDS=()
+    if [[ -n "${RR_TMP:-}" && "${RR_KEEP_TMP:-0}" != 1 ]]; then
+        rm -rf "$RR_TMP"
+    fi
+    rr_log "Ray cluster stopped"
+}
