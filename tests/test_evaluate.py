@@ -282,3 +282,31 @@ def test_index_and_search_commands_on_the_evaluate_embeddings(evaluated, zoo, tm
     assert mine.query_id.tolist() == theirs.query_id.tolist()
     assert mine.gallery_id.tolist() == theirs.gallery_id.tolist()
     np.testing.assert_allclose(mine.score.to_numpy(), theirs.score.to_numpy(), atol=1e-6)
+
+
+def test_demo_report_leads_with_the_full_system():
+    """The demo's report and metrics rows: the full system first, then each stage."""
+    from reid_ray.demo import FULL_SYSTEM, Row, _row_dict, render_report
+
+    def metrics(top1):
+        return {"top1": top1, "top5": 1.0, "mAP": top1, "baks": 0.8, "baus": 0.7,
+                "threshold": 0.5, "auroc_known_unknown": 0.9,
+                "open_set": {"threshold": 0.5, "score": "p", "rule": "balanced",
+                             "fitted_on": "gallery", "n_known": 10, "n_unknown": 10,
+                             "auroc": 0.95, "message": "separable"},
+                "open_set_plot": "/o/eval/trained/open_set_rerank.png"}  # fmt: skip
+
+    rows = [Row("untrained", "baseline", "m0", metrics(0.1), 1.0),
+            Row("trained", "training", "ckpt", metrics(0.5), 2.0),
+            Row(FULL_SYSTEM, "re-ranking + decision", "ckpt", metrics(0.9), 3.0)]  # fmt: skip
+    results = {"zoo": {"images": 10, "individuals": 2, "species": 1, "seconds": 0.1},
+               "seed": 0, "preset": "tiny", "seconds": 5.0,
+               "machine": {"cpus": 2, "ray_resources": {"CPU": 2.0}},
+               "stages": {}}  # fmt: skip
+    report = render_report(results, rows, rows[-1], "/o")
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert table[1].startswith(f"| **{FULL_SYSTEM}**") and "0.900" in table[1]
+    assert table[2].startswith("| untrained") and table[3].startswith("| trained")
+    assert "](eval/trained/open_set_rerank.png)" in report
+    record = _row_dict(rows[-1])
+    assert record["top1"] == 0.9 and record["open_set"]["fitted_on"] == "gallery"
