@@ -14,8 +14,8 @@ processes hits all of them alike), and reported as 1 / median time per pair.
   extraction (median time per image x images / pairs; see ``pairs_per_image``);
 * ``cached_warm``: the cache already filled (a rerun, a second top-K, the calibration
   pairs sharing gallery images): read two entries and match;
-* ``ray_pipeline``: ``reid_ray.rerank.score_pairs`` on the local Ray cluster from a cold
-  cache: ``match_stage`` is pairs / wall time of the matching stage (actor start-up
+* ``ray_pipeline``: ``reid_ray.rerank.rerank_candidates`` (the one entry point, with a
+  fitted fusion) on the local Ray cluster from a cold cache: ``match_stage`` is pairs / wall time of the matching stage (actor start-up
   included), ``per_actor_second`` pairs / time inside the actors' match calls,
   ``end_to_end`` pairs / total wall time including feature extraction.
 
@@ -23,6 +23,8 @@ Usage::
 
     python benchmarks/rerank_throughput.py [--queries 8 --candidates 12 --naive-pairs 12]
         [--configs aliked:lightglue,disk:lightglue,sift:classical] [--out FILE]
+
+(the default configurations are the rows of ``reid_ray.rerank.registry.LOCAL_FEATURES``).
 
 Writes ``benchmarks/results/rerank_throughput.json``.
 """
@@ -61,9 +63,10 @@ def bench_config(extractor: str, matcher: str, manifest, pairs, args, workdir: s
     import pyarrow as pa
     import torch
 
-    from reid_ray.rerank import RerankConfig, score_pairs_detailed
+    from reid_ray.rerank import RerankConfig, rerank_candidates
     from reid_ray.rerank.cache import FeatureCache
     from reid_ray.rerank.features import build_extractor, feature_fingerprint, load_prepared
+    from reid_ray.rerank.fusion import fit_fusion
     from reid_ray.rerank.matchers import PairScorer
 
     torch.set_num_threads(args.threads)
@@ -115,14 +118,20 @@ def bench_config(extractor: str, matcher: str, manifest, pairs, args, workdir: s
     cold_per_pair = float(np.median(t_warm)) + extract_per_image * len(images) / n
 
     # the Ray pipeline, cold cache (a separate run: it cannot be interleaved)
-    table = pa.table({"query_id": [q for q, _ in pairs], "gallery_id": [g for _, g in pairs]})
+    table = pa.table(
+        {
+            "query_id": [q for q, _ in pairs],
+            "gallery_id": [g for _, g in pairs],
+            "score": np.linspace(1.0, 0.0, n),
+        }
+    )
+    same = np.arange(40) % 4 == 0
+    fusion = fit_fusion(np.linspace(0, 1, 40) + same, np.arange(40.0) + 50 * same, same)
     out = os.path.join(workdir, f"ray-{extractor}-{matcher}")
     t0 = time.perf_counter()
-    result = score_pairs_detailed(
-        table, manifest, cfg.replace(cache_dir=os.path.join(out, "features")), out
-    )
+    result = rerank_candidates(table, manifest, cfg, out, fusion=fusion)
     t_ray = time.perf_counter() - t0
-    st = result.stats
+    st = result.stats["scoring"]
     res = {
         "config": f"{extractor}+{matcher}",
         "pairs": n,
@@ -139,8 +148,8 @@ def bench_config(extractor: str, matcher: str, manifest, pairs, args, workdir: s
                 "match_stage": st.get("pairs_per_s"),
                 "per_actor_second": st.get("pairs_per_actor_s"),
                 "end_to_end": _rate(n, t_ray),
-                "actors": st.get("actors"),
-                "cpus_per_actor": st.get("cpus_per_actor"),
+                "actors": (st.get("pool") or {}).get("actors"),
+                "cpus_per_actor": (st.get("pool") or {}).get("cpus_per_actor"),
             },
         },
         "naive_pairs_measured": len(t_naive),
@@ -154,6 +163,8 @@ def bench_config(extractor: str, matcher: str, manifest, pairs, args, workdir: s
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from reid_ray.rerank.registry import default_pairings
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--queries", type=int, default=8)
     p.add_argument("--candidates", type=int, default=12)
@@ -161,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-keypoints", type=int, default=256)
     p.add_argument("--resize", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--configs", default="aliked:lightglue,disk:lightglue,sift:classical")
+    p.add_argument("--configs", default=",".join(f"{e}:{m}" for e, m in default_pairings()))
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
             "extraction (median extraction time per image x images / pairs; depends on "
             "pairs_per_image)",
             "cached_warm": "cache already filled: read two entries and match per pair",
-            "ray_pipeline": "score_pairs on the local Ray cluster, cold cache: match_stage = pairs / wall "
+            "ray_pipeline": "rerank_candidates on the local Ray cluster, cold cache: match_stage = pairs / wall "
             "time of the matching stage (actor start-up included); per_actor_second = pairs / time "
             "inside the actors' match calls; end_to_end = pairs / total wall time incl. extraction",
         },

@@ -12,7 +12,7 @@ import pytest
 from reid_ray.data import read_manifest
 from reid_ray.errors import ModelError
 from reid_ray.rerank import RerankConfig
-from reid_ray.rerank.cache import FeatureCache, get_or_extract
+from reid_ray.rerank.cache import FeatureCache
 from reid_ray.rerank.features import (
     build_extractor,
     feature_fingerprint,
@@ -130,42 +130,24 @@ def test_mask_limits_keypoints_and_small_crops_are_upscaled(tmp_path):
         assert whole.keypoints[:, 0].max() > 130, extractor
 
 
-def test_cache_cached_equals_uncached_and_halves_equal_whole(zoo, tmp_path):
+def test_cache_round_trip_and_listing(zoo, tmp_path):
+    """Entries read back equal what was extracted; ``missing`` finds what is absent with one
+    listing. (Cached equals uncached through the actor pools: test_rerank_pipeline.py.)"""
     cfg = RerankConfig(
         extractor="disk", matcher="lightglue", max_keypoints=64, resize_long_side=128
     )
     ex = build_extractor(cfg)
-    calls = []
-
-    def extract(row):
-        calls.append(row["image_id"])
-        return ex.extract(*load_prepared(row, cfg))
-
-    rows = zoo[:6]
-    uncached, err = get_or_extract(rows, extract, None)
-    assert not err and len(calls) == 6
-    cache = FeatureCache(str(tmp_path / "whole"), feature_fingerprint(cfg))
-    first, _ = get_or_extract(rows, extract, cache)
-    calls.clear()
-    again, _ = get_or_extract(
-        rows, extract, FeatureCache(str(tmp_path / "whole"), feature_fingerprint(cfg))
-    )
-    assert calls == []  # read back, nothing extracted
-    for i in uncached:
-        assert uncached[i].equals(first[i]) and uncached[i].equals(again[i])
-    halves = FeatureCache(str(tmp_path / "halves"), feature_fingerprint(cfg))
-    get_or_extract(rows[:3], extract, halves)
-    calls.clear()
-    whole_from_halves, _ = get_or_extract(rows, extract, halves)
-    assert calls == [r["image_id"] for r in rows[3:]]  # only the missing half
-    assert list(whole_from_halves) == [r["image_id"] for r in rows]
-    for i in uncached:
-        assert whole_from_halves[i].equals(uncached[i])
-    # a bad file is an error with its reason, not an exception, and is not cached
-    bad = dict(rows[0], image_id="bad", path=str(tmp_path / "missing.jpg"))
-    feats, errors = get_or_extract([bad, rows[1]], extract, halves)
-    assert list(feats) == [rows[1]["image_id"]] and "missing file" in errors["bad"]
-    assert halves.missing(["bad", rows[1]["image_id"]]) == ["bad"]
+    feats = {r["image_id"]: ex.extract(*load_prepared(r, cfg)) for r in zoo[:3]}
+    cache = FeatureCache(str(tmp_path / "cache"), feature_fingerprint(cfg))
+    ids = [r["image_id"] for r in zoo[:4]]
+    assert cache.missing(ids + ids[:1]) == ids  # first-seen order, no duplicates
+    for i, f in feats.items():
+        cache.put(i, f)
+    fresh = FeatureCache(str(tmp_path / "cache"), feature_fingerprint(cfg), memory_items=0)
+    assert fresh.missing(ids) == ids[3:]
+    for i, f in feats.items():
+        assert fresh.get(i).equals(f)
+    assert fresh.get(ids[3]) is None
 
 
 def test_cache_is_keyed_by_extractor_settings():
@@ -189,11 +171,14 @@ def test_cache_on_s3(zoo, s3_bucket):
     )
     ex = build_extractor(cfg)
     cache = FeatureCache(f"{s3_bucket}/features", feature_fingerprint(cfg))
-    assert cache.missing([r["image_id"] for r in zoo[:3]]) == [r["image_id"] for r in zoo[:3]]
-    feats, _ = get_or_extract(zoo[:3], lambda r: ex.extract(*load_prepared(r, cfg)), cache)
+    ids = [r["image_id"] for r in zoo[:4]]
+    assert cache.missing(ids[:3]) == ids[:3]
+    feats = {r["image_id"]: ex.extract(*load_prepared(r, cfg)) for r in zoo[:3]}
+    for i, f in feats.items():
+        cache.put(i, f)
     fresh = FeatureCache(f"{s3_bucket}/features", feature_fingerprint(cfg))
-    assert fresh.missing([r["image_id"] for r in zoo[:4]]) == [zoo[3]["image_id"]]
-    assert fresh.get(zoo[0]["image_id"]).equals(feats[zoo[0]["image_id"]])
+    assert fresh.missing(ids) == [ids[3]]
+    assert fresh.get(ids[0]).equals(feats[ids[0]])
 
 
 def test_missing_weights_fail_fast_with_model_error(tmp_path, monkeypatch):

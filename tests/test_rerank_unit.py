@@ -7,15 +7,16 @@ import pyarrow as pa
 import pytest
 
 from reid_ray.errors import ConfigError
-from reid_ray.rerank import FusionModel, RerankConfig, fit_fusion, load_rerank_config, rerank
-from reid_ray.rerank.fusion import ranking_quality
+from reid_ray.rerank import FusionModel, RerankConfig, load_rerank_config, rerank_candidates
+from reid_ray.rerank.fusion import fit_fusion, ranking_quality
 from reid_ray.rerank.matchers import mutual_ratio_matches, verify_geometry
+from reid_ray.rerank.ranking import apply_fusion, candidates_frame
 
 # -- config -------------------------------------------------------------------------------------
 
 
 def test_config_loader_rejects_unknown_keys_and_bad_values(tmp_path):
-    with pytest.raises(ConfigError, match="unknown rerank setting.*max_keypoint"):
+    with pytest.raises(ConfigError, match="unknown setting.*max_keypoint"):
         load_rerank_config({"max_keypoint": 10})
     with pytest.raises(ConfigError, match="lightglue"):
         load_rerank_config(extractor="sift", matcher="lightglue")
@@ -154,11 +155,11 @@ def test_fusion_refuses_uncalibrated_and_bad_labels():
         FusionModel.from_dict({"weight": 0.5})
     with pytest.raises(ConfigError, match="not calibrated"):
         FusionModel(None, None, None, 0.5)  # type: ignore[arg-type]
-    cands = pa.table(
-        {"query_id": ["q"], "gallery_id": ["g"], "score": [0.5], "rank": [1], "local_score": [3.0]}
-    )
+    cands = pa.table({"query_id": ["q"], "gallery_id": ["g"], "score": [0.5], "rank": [1]})
+    with pytest.raises(ConfigError, match="uncalibrated"):
+        rerank_candidates(cands, pa.table({"image_id": ["q"]}), RerankConfig(), "/nonexistent")
     with pytest.raises(ConfigError, match="calibrated fusion"):
-        rerank(cands, pa.table({"image_id": ["q"]}), RerankConfig(), "/nonexistent", None)
+        apply_fusion(candidates_frame(cands, "candidates"), None, 10)  # type: ignore[arg-type]
 
 
 def test_rerank_orders_by_fused_score_and_keeps_the_tail():
@@ -169,15 +170,20 @@ def test_rerank_orders_by_fused_score_and_keeps_the_tail():
         {
             "query_id": ["a"] * 4,
             "gallery_id": ["g1", "g2", "g3", "g4"],
-            "rank": [0, 1, 2, 3],
+            "rank": [1, 2, 3, 4],
             "score": [0.9, 0.8, 0.7, 0.6],
-            "local_score": [1.0, 2.0, 90.0, 500.0],
         }
     )
-    out = rerank(cands, pa.table({"image_id": ["a"]}), RerankConfig(top_k=3), "/unused", model)
+    frame = candidates_frame(cands, "candidates")
+    frame["local_score"] = [1.0, 2.0, 90.0, 500.0]
+    out = apply_fusion(frame, model, top_k=3)
     rows = out.to_pylist()
+    assert out.column_names == [
+        "query_id", "rank", "gallery_id", "global_score", "local_score", "fused_score",
+        "probability",
+    ]  # fmt: skip
     # g3 (strong local score) rises to the top; g4 is beyond top_k: stays last, no local score
     assert [r["gallery_id"] for r in rows][0] == "g3"
-    assert [r["new_rank"] for r in rows] == [0, 1, 2, 3]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["gallery_id"] == "g4" and rows[-1]["local_score"] is None
     assert all(0 <= r["probability"] <= 1 for r in rows)

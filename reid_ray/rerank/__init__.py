@@ -1,39 +1,27 @@
-"""Local-feature re-ranking (issue 5): features once per image, a matcher actor pool,
-calibrated fusion of global and local scores, and the known-vs-new decision.
+"""Local-feature re-ranking: features once per image, a matcher actor pool, and a
+calibrated fusion of global and local scores.
 
-Public API (heavy libraries are imported on use, not here):
+One entry point::
 
-* ``RerankConfig`` / ``load_rerank_config``: the settings (one loader, unknown keys refused).
-* ``score_pairs(pairs, manifest, cfg, out_dir)``: pairs + ``local_score`` (Ray, resumable,
-  cached features); ``score_pairs_detailed`` also returns the errors table and stats.
-* ``fit_fusion(global, local, same_identity, query_ids=None)`` -> ``FusionModel``
-  (``predict_proba``, ``to_dict``/``from_dict``).
-* ``rerank(candidates, manifest, cfg, out_dir, fusion)``: re-ranked candidates.
-* ``rerank_with_calibration(query_candidates, gallery_candidates, manifest, cfg, out_dir)``:
-  scoring, calibration on labelled gallery pairs and re-ranking in one call.
-* ``top_predictions(reranked, manifest, fusion)``: known individual or new, per query.
+    from reid_ray.rerank import rerank_candidates, RerankResult, RerankConfig, FusionModel
+    result = rerank_candidates(query_candidates, manifest, cfg, out_dir,
+                               calibration_candidates=gallery_loo_candidates)
+
+Layout: ``config`` (settings), ``registry`` (the table of extractors and matcher weights),
+``features``/``matchers``/``cache`` (pure kernels), ``actors`` and ``scoring`` (the Ray
+pools, resumable), ``fusion`` (scikit-learn calibration, the fusion weight), ``ranking``
+(ordering, calibration pairs, top predictions), ``api`` (the entry point), ``commands``
+(``reid-ray rerank``), ``viz`` (match pictures).
 """
 
+from reid_ray.rerank.api import RerankResult, rerank_candidates
 from reid_ray.rerank.config import RerankConfig, load_rerank_config
-from reid_ray.rerank.fusion import FusionModel, fit_fusion
-from reid_ray.rerank.pipeline import (
-    ScoreResult,
-    rerank,
-    rerank_with_calibration,
-    score_pairs,
-    score_pairs_detailed,
-    top_predictions,
-)
+from reid_ray.rerank.fusion import FusionModel
 
 __all__ = [
     "FusionModel",
     "RerankConfig",
-    "ScoreResult",
-    "fit_fusion",
+    "RerankResult",
     "load_rerank_config",
-    "rerank",
-    "rerank_with_calibration",
-    "score_pairs",
-    "score_pairs_detailed",
-    "top_predictions",
+    "rerank_candidates",
 ]

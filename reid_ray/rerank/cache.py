@@ -16,13 +16,13 @@ import hashlib
 import io
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from reid_ray import io as rio
-from reid_ray.errors import ImageError, OutputError
+from reid_ray.errors import OutputError
 from reid_ray.rerank.features import LocalFeatures
 
 logger = logging.getLogger(__name__)
@@ -115,43 +115,3 @@ class FeatureCache:
         if len(self._lru) > self._memory_items:
             self._lru.popitem(last=False)
         return feats
-
-
-def get_or_extract(
-    rows: Iterable[Mapping[str, Any]],
-    extract: Callable[[Mapping[str, Any]], LocalFeatures],
-    cache: FeatureCache | None,
-) -> tuple[dict[str, LocalFeatures], dict[str, str]]:
-    """Features for ``rows`` (dicts with at least ``image_id``): cached ones are read, only
-    the missing ones are extracted (and stored). Returns ``(features, errors)`` where
-    ``errors`` maps image_id to the reason it has no features; results in row order."""
-    rows = list(rows)
-    if cache is None:
-        todo = rows
-    else:
-        missing = set(cache.missing(r["image_id"] for r in rows))
-        todo = [r for r in rows if str(r["image_id"]) in missing]
-    todo = list({str(r["image_id"]): r for r in todo}.values())  # once per image
-    fresh: dict[str, LocalFeatures] = {}
-    errors: dict[str, str] = {}
-    for row in todo:
-        image_id = str(row["image_id"])
-        try:
-            feats = extract(row)
-        except ImageError as exc:
-            errors[image_id] = str(exc)
-            continue
-        fresh[image_id] = feats
-        if cache is not None:
-            cache.put(image_id, feats)
-    out: dict[str, LocalFeatures] = {}
-    for row in rows:
-        image_id = str(row["image_id"])
-        if image_id in errors:
-            continue
-        feats = fresh.get(image_id) if cache is None else cache.get(image_id)
-        if feats is None:
-            errors[image_id] = "features missing from the cache after extraction"
-            continue
-        out[image_id] = feats
-    return out, errors

@@ -1,7 +1,7 @@
 """``reid-ray rerank``: the typer command function (registered by ``reid_ray/cli.py``).
 
 Only typer and the standard library are imported at module level so that ``--help`` stays
-fast; the work is in ``reid_ray.rerank.pipeline``.
+fast; the work is ``reid_ray.rerank.rerank_candidates``.
 """
 
 from __future__ import annotations
@@ -12,35 +12,6 @@ from typing import Any
 import typer
 
 from reid_ray.errors import ReidRayError
-
-
-def _progress_printer(console):
-    """A rich progress display and the ``progress(stage, n, total)`` callback feeding it."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(
-        TextColumn("{task.description:<9}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    tasks: dict[str, Any] = {}
-
-    def progress(stage: str, n: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
-        bar.update(tasks[stage], advance=n)
-
-    return bar, progress
 
 
 def rerank_command(
@@ -57,7 +28,7 @@ def rerank_command(
     calibration: str | None = typer.Option(
         None,
         "--calibration",
-        help="Labelled gallery-vs-gallery candidates Parquet to fit the calibrated fusion on.",
+        help="Labelled gallery leave-one-out candidates Parquet to fit the calibrated fusion on.",
     ),
     fusion: str | None = typer.Option(
         None, "--fusion", help="A fusion.json from an earlier run to reuse."
@@ -76,9 +47,7 @@ def rerank_command(
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="Pairs per matcher call [16]."
     ),
-    cache_dir: str | None = typer.Option(
-        None, "--cache-dir", help="Feature cache [OUT/scores/features]."
-    ),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Feature cache [OUT/features]."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda"),
     threshold: float | None = typer.Option(
         None, "--threshold", help="Known-vs-new threshold on the calibrated probability [0.5]."
@@ -88,38 +57,48 @@ def rerank_command(
 ) -> None:
     """Re-rank retrieval candidates with local features (LightGlue or classical matching)
     and a calibrated fusion of global and local scores."""
-    from rich.console import Console
+    from reid_ray import console
 
-    console = Console(stderr=True)
     try:
-        summary = run_rerank(
-            candidates=candidates,
-            manifest=manifest,
-            out=out,
-            split=split,
-            calibration=calibration,
-            fusion_path=fusion,
-            config=config,
-            viz=viz,
-            overwrite=overwrite,
-            console=console,
-            overrides={
-                "extractor": extractor,
-                "matcher": matcher,
-                "top_k": top_k,
-                "max_keypoints": max_keypoints,
-                "resize_long_side": resize,
-                "actors": actors,
-                "batch_size": batch_size,
-                "cache_dir": cache_dir,
-                "device": device,
-                "threshold": threshold,
-            },
-        )
+        with console.progress() as update:
+            summary = run_rerank(
+                candidates=candidates,
+                manifest=manifest,
+                out=out,
+                split=split,
+                calibration=calibration,
+                fusion_path=fusion,
+                config=config,
+                viz=viz,
+                overwrite=overwrite,
+                progress=update,
+                overrides={
+                    "extractor": extractor,
+                    "matcher": matcher,
+                    "top_k": top_k,
+                    "max_keypoints": max_keypoints,
+                    "resize_long_side": resize,
+                    "actors": actors,
+                    "batch_size": batch_size,
+                    "cache_dir": cache_dir,
+                    "device": device,
+                    "threshold": threshold,
+                },
+            )
     except ReidRayError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.console().print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    _print_summary(console, summary)
+    console.summary("reid-ray rerank", summary_rows(summary))
+
+
+def read_candidates_arg(path: str):
+    """A candidates table from a Parquet file or a search/evaluate output (parts folder)."""
+    from reid_ray.index.candidates import read_candidates
+    from reid_ray.parts import read_part
+
+    if path.endswith(".parquet"):
+        return read_part(path)
+    return read_candidates(path)
 
 
 def run_rerank(
@@ -134,190 +113,123 @@ def run_rerank(
     viz: int = 0,
     overwrite: bool = False,
     overrides: dict[str, Any] | None = None,
-    console=None,
+    progress=None,
 ) -> dict[str, Any]:
-    """The command's work, callable from Python; returns the summary written to manifest.json."""
-    import pyarrow as pa
-
+    """The command's work, callable from Python; returns the run record (manifest.json)."""
     from reid_ray import io as rio
     from reid_ray.data import read_manifest
     from reid_ray.errors import ConfigError
-    from reid_ray.rerank.config import load_rerank_config
-    from reid_ray.rerank.fusion import FusionModel
-    from reid_ray.rerank.pipeline import (
-        _rank_order,
-        read_table,
-        rerank,
-        rerank_with_calibration,
-        score_pairs_detailed,
-        top_predictions,
-    )
-    from reid_ray.runtime import init_ray
+    from reid_ray.parts import write_part, write_run_record
+    from reid_ray.rerank import FusionModel, load_rerank_config, rerank_candidates
+    from reid_ray.rerank.ranking import top_predictions
 
     t0 = time.perf_counter()
     cfg = load_rerank_config(config, **(overrides or {}))
     if calibration and fusion_path:
         raise ConfigError("give --calibration (fit a fusion) or --fusion (reuse one), not both")
+    if not calibration and not fusion_path:
+        raise ConfigError(
+            "give --calibration (labelled gallery candidates to fit the fusion on) or --fusion "
+            "(a fusion.json to reuse): re-ranking never ranks by uncalibrated scores"
+        )
     man = read_manifest(manifest, split_file=split)
-    cands = read_table(candidates)
-    scores_dir = rio.join(out, "scores")
-    cfg = cfg if cfg.cache_dir else cfg.replace(cache_dir=rio.join(scores_dir, "features"))
-    init_ray()
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    bar, progress = _progress_printer(console) if console is not None else (None, None)
-    fusion_model = None
-    info: dict[str, Any] = {}
-    if bar is not None:
-        bar.start()
-    try:
-        if calibration:
-            reranked, fusion_model, info = rerank_with_calibration(
-                cands,
-                read_table(calibration),
-                man,
-                cfg,
-                out,
-                progress=progress,
-                overwrite=overwrite,
-            )
-            errors, stats = info.pop("errors"), info["scoring"]
-        else:
-            df = cands.to_pandas()
-            df["query_id"] = df["query_id"].astype(str)
-            df["gallery_id"] = df["gallery_id"].astype(str)
-            top = df[_rank_order(df) < cfg.top_k]
-            result = score_pairs_detailed(
-                pa.Table.from_pandas(top[["query_id", "gallery_id"]], preserve_index=False),
-                man,
-                cfg,
-                scores_dir,
-                progress=progress,
-                overwrite=overwrite,
-            )
-            errors, stats = result.errors, result.stats
-            scored = result.table.to_pandas().drop_duplicates(["query_id", "gallery_id"])
-            df = df.merge(scored, on=["query_id", "gallery_id"], how="left")
-            if fusion_path:
-                fusion_model = FusionModel.load(fusion_path)
-                if cfg.threshold is not None:
-                    fusion_model = FusionModel(
-                        fusion_model.global_cal,
-                        fusion_model.local_cal,
-                        fusion_model.final_cal,
-                        fusion_model.weight,
-                        cfg.threshold,
-                        fusion_model.stats,
-                    )
-                reranked = rerank(
-                    pa.Table.from_pandas(df, preserve_index=False), man, cfg, out, fusion_model
-                )
-            else:
-                reranked = pa.Table.from_pandas(df, preserve_index=False)
-    finally:
-        if bar is not None:
-            bar.stop()
-
+    result = rerank_candidates(
+        read_candidates_arg(candidates),
+        man,
+        cfg,
+        out,
+        calibration_candidates=read_candidates_arg(calibration) if calibration else None,
+        fusion=FusionModel.load(fusion_path) if fusion_path else None,
+        progress=progress,
+        overwrite=overwrite,
+    )
+    preds = top_predictions(result.ranked, man, result.fusion)
     outputs = {
-        "reranked": rio.join(out, "reranked", "part-00000.parquet"),
-        "errors": rio.join(out, "errors", "part-00000.parquet"),
+        "reranked": write_part(rio.join(out, "reranked"), result.ranked, name="part-00000.parquet"),
+        "errors": write_part(rio.join(out, "errors"), result.errors, name="part-00000.parquet"),
+        "predictions": write_part(rio.join(out, "predictions"), preds, name="part-00000.parquet"),
+        "fusion": rio.join(out, "fusion.json"),
     }
-    rio.write_table_atomic(outputs["reranked"], reranked)
-    rio.write_table_atomic(outputs["errors"], errors)
-    n_new = None
-    if fusion_model is not None:
-        preds = top_predictions(reranked, man, fusion_model)
-        outputs["predictions"] = rio.join(out, "predictions", "part-00000.parquet")
-        rio.write_table_atomic(outputs["predictions"], preds)
-        n_new = int(sum(preds["is_new"].to_pylist()))
-        outputs["fusion"] = rio.join(out, "fusion.json")
-        if not calibration:
-            fusion_model.save(outputs["fusion"])
+    if result.calibration is not None:
+        outputs["calibration"] = write_part(
+            rio.join(out, "calibration"), result.calibration, name="part-00000.parquet"
+        )
     pictures: list[str] = []
     if viz > 0:
         from reid_ray.rerank.viz import render_queries
 
+        cache = cfg.cache_dir or rio.join(out, "features")
         pictures = render_queries(
-            reranked, man, cfg, rio.join(out, "viz"), cfg.cache_dir, max_queries=viz
+            result.ranked, man, cfg, rio.join(out, "viz"), cache, max_queries=viz
         )
         outputs["viz"] = rio.join(out, "viz")
-    summary = {
-        "command": "rerank",
-        "inputs": {
+    st = result.stats["scoring"]
+    return write_run_record(
+        out,
+        "rerank",
+        config=cfg,
+        counts={
+            "queries": result.stats["queries"],
+            "pairs": st.get("unique_pairs"),
+            "pairs_matched_now": st.get("pairs_matched"),
+            "queries_resumed": st.get("queries_resumed"),
+            "pairs_without_local_score": st.get("pairs_without_score"),
+            "images_extracted": st.get("images_extracted"),
+            "errors": int(result.errors.num_rows),
+            "predicted_new": int(sum(preds["is_new"].to_pylist())),
+            "pictures": len(pictures),
+        },
+        timings={
+            "extract_s": st.get("extract_seconds"),
+            "match_s": st.get("match_seconds"),
+            **{f"{k}_s": v for k, v in result.stats["seconds"].items()},
+            "command_s": round(time.perf_counter() - t0, 3),
+        },
+        inputs={
             "candidates": candidates,
             "manifest": manifest,
             "split": split,
             "calibration": calibration,
             "fusion": fusion_path,
         },
-        "config": cfg.to_dict(),
-        "reranked": fusion_model is not None,
-        "counts": {
-            "queries": stats.get("queries"),
-            "pairs": stats.get("unique_pairs"),
-            "pairs_matched_now": stats.get("pairs_matched"),
-            "queries_resumed": stats.get("queries_resumed"),
-            "pairs_without_local_score": stats.get("pairs_without_score"),
-            "images_extracted": stats.get("images_extracted"),
-            "errors": int(errors.num_rows),
-            "predicted_new": n_new,
-            "pictures": len(pictures),
-        },
-        "throughput": {
-            "pairs_per_s": stats.get("pairs_per_s"),
-            "pairs_per_actor_s": stats.get("pairs_per_actor_s"),
+        throughput={
+            "pairs_per_s": st.get("pairs_per_s"),
+            "pairs_per_actor_s": st.get("pairs_per_actor_s"),
             "what": "pairs matched / wall seconds of the matching stage (actor start-up included); "
             "per actor-second: inside the actors' match calls",
         },
-        "timings": {
-            "extract_s": stats.get("extract_seconds"),
-            "match_s": stats.get("match_seconds"),
-            "total_s": round(time.perf_counter() - t0, 3),
+        pool=st.get("pool"),
+        feature_fingerprint=st.get("fingerprint"),
+        fusion={
+            "weight": result.fusion.weight,
+            "weight_reason": result.stats["weight_reason"],
+            "threshold": result.fusion.threshold,
+            "calibration": result.stats.get("calibration"),
         },
-        "pool": {
-            "actors": stats.get("actors"),
-            "cpus_per_actor": stats.get("cpus_per_actor"),
-            "gpus_per_actor": stats.get("gpus_per_actor"),
-        },
-        "feature_fingerprint": stats.get("fingerprint"),
-        "fusion": None
-        if fusion_model is None
-        else {
-            "weight": fusion_model.weight,
-            "threshold": fusion_model.threshold,
-            "calibration_pairs": info.get("calibration_pairs"),
-        },
-        "outputs": outputs,
-    }
-    rio.write_json_atomic(rio.join(out, "manifest.json"), summary)
-    return summary
-
-
-def _print_summary(console, summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    c, tp, tm = summary["counts"], summary["throughput"], summary["timings"]
-    t = Table(title="reid-ray rerank", show_header=False, box=None)
-    cfg = summary["config"]
-    t.add_row("features / matcher", f"{cfg['extractor']} / {cfg['matcher']}  (top-{cfg['top_k']})")
-    t.add_row("queries", f"{c['queries']}  ({c['queries_resumed']} resumed)")
-    t.add_row("pairs", f"{c['pairs']}  ({c['pairs_matched_now']} matched now)")
-    t.add_row("pairs/s", f"{tp['pairs_per_s']}  (per actor-second: {tp['pairs_per_actor_s']})")
-    t.add_row(
-        "errors", f"{c['errors']}  ({c['pairs_without_local_score']} pairs without a local score)"
+        outputs=outputs,
     )
-    if summary["fusion"]:
-        f = summary["fusion"]
-        t.add_row(
-            "fusion",
-            f"local weight {f['weight']:.2f}, threshold {f['threshold']:.2f}; "
-            f"{c['predicted_new']} queries predicted new",
-        )
-    else:
-        t.add_row("fusion", "none: scores only (pass --calibration or --fusion to re-rank)")
-    t.add_row(
-        "time", f"{tm['total_s']:.1f} s (features {tm['extract_s']} s, matching {tm['match_s']} s)"
-    )
-    t.add_row("outputs", str(summary["outputs"].get("reranked")))
-    console.print(t)
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    c, tp, tm, cfg = summary["counts"], summary["throughput"], summary["timings"], summary["config"]
+    f = summary["fusion"]
+    return [
+        ("features / matcher", f"{cfg['extractor']} / {cfg['matcher']}  (top-{cfg['top_k']})"),
+        ("queries", f"{c['queries']}  ({c['queries_resumed']} resumed)"),
+        ("pairs", f"{c['pairs']}  ({c['pairs_matched_now']} matched now)"),
+        ("pairs/s", f"{tp['pairs_per_s']}  (per actor-second: {tp['pairs_per_actor_s']})"),
+        (
+            "errors",
+            f"{c['errors']}  ({c['pairs_without_local_score']} pairs without a local score)",
+        ),
+        ("fusion", f"local weight {f['weight']:.2f}: {f['weight_reason']}"),
+        (
+            "known vs new",
+            f"threshold {f['threshold']:.2f}; {c['predicted_new']} queries predicted new",
+        ),
+        (
+            "time",
+            f"{tm['total_s']:.1f} s (features {tm['extract_s']} s, matching {tm['match_s']} s)",
+        ),
+        ("outputs", summary["outputs"]["reranked"]),
+    ]

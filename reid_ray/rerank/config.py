@@ -1,4 +1,4 @@
-"""The re-ranking configuration: one frozen dataclass, one loader that rejects unknown keys.
+"""The re-ranking configuration: one frozen dataclass read by ``reid_ray.config.load_config``.
 
 Defaults are chosen for a CPU machine (measured in ENVIRONMENT.md and in
 ``benchmarks/results/rerank_throughput.json``): ALIKED or DISK at a long side of 512 px with
@@ -8,21 +8,21 @@ at most 512 keypoints keeps extraction around 0.2-0.8 s per image and LightGlue 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from reid_ray.errors import ConfigError
+from reid_ray.config import check, check_choice, load_config, replace, to_dict
+from reid_ray.rerank.registry import EXTRACTORS, LIGHTGLUE_EXTRACTORS
+from reid_ray.runtime import DEVICES
 
-EXTRACTORS = ("disk", "aliked", "sift")
 MATCHERS = ("lightglue", "classical")
 SCORES = ("auto", "inliers", "confidence")
 GEOMETRIES = ("auto", "none", "homography", "fundamental")
 CALIBRATIONS = ("isotonic", "logistic")
-DEVICES = ("auto", "cpu", "cuda")
-
-#: Extractors that have pretrained LightGlue weights in the offline package.
-LIGHTGLUE_EXTRACTORS = ("disk", "aliked")
+#: The calibration pairs hold at least this many other-identity candidates per query (the
+#: highest-ranked ones): what a caller needs to simulate "this individual is not in the
+#: gallery" by dropping the query's own identity.
+MIN_TOP_NEGATIVES = 5
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,16 @@ class RerankConfig:
       one single-threaded actor per CPU); ``cpus_per_actor``/``gpus_per_actor`` (0: automatic);
       ``batch_size`` pairs per matcher call; ``queries_per_batch`` queries per Ray batch
       (and per resumable part file); ``cache_dir`` (None: ``<out>/features``); ``device``.
-    Fusion: ``calibration`` isotonic | logistic; ``calibration_queries`` and
-      ``calibration_top_k`` bound the labelled gallery pairs matched for calibration;
-      ``threshold`` on the calibrated top-1 probability for known vs new (None: 0.5);
-      ``seed`` for the calibration sample.
+    Fusion: ``calibration`` isotonic | logistic (scikit-learn); ``calibration_queries``
+      labelled gallery queries (seeded sample) whose pairs are matched for calibration:
+      each query's first ``calibration_top_k`` candidates, its highest-ranked same-identity
+      candidate, its ``calibration_negatives`` (>= 5) highest-ranked other-identity
+      candidates and ``calibration_deep_negatives`` more sampled over the deeper ranks;
+      ``min_negatives`` different-identity pairs at least, else the calibration is refused;
+      ``calibration_folds`` folds (grouped by identity) choose the fusion weight, which must
+      beat the global score's held-out mean average precision by ``weight_margin`` to be
+      used; ``threshold`` on the calibrated top-1 probability for known vs new (None: 0.5);
+      ``seed`` for the samples.
     """
 
     extractor: str = "aliked"
@@ -73,21 +79,26 @@ class RerankConfig:
     calibration: str = "isotonic"
     calibration_queries: int = 100
     calibration_top_k: int = 10
+    calibration_negatives: int = MIN_TOP_NEGATIVES
+    calibration_deep_negatives: int = 5
+    min_negatives: int = 20
+    calibration_folds: int = 5
+    weight_margin: float = 0.01
     threshold: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("extractor", self.extractor, EXTRACTORS)
-        _check_choice("matcher", self.matcher, MATCHERS)
-        _check_choice("score", self.score, SCORES)
-        _check_choice("geometry", self.geometry, GEOMETRIES)
-        _check_choice("calibration", self.calibration, CALIBRATIONS)
-        _check_choice("device", self.device, DEVICES)
-        if self.matcher == "lightglue" and self.extractor not in LIGHTGLUE_EXTRACTORS:
-            raise ConfigError(
-                f"matcher 'lightglue' has pretrained weights for {', '.join(LIGHTGLUE_EXTRACTORS)} "
-                f"features only, not {self.extractor!r}: use --matcher classical with sift"
-            )
+        check_choice("extractor", self.extractor, EXTRACTORS)
+        check_choice("matcher", self.matcher, MATCHERS)
+        check_choice("score", self.score, SCORES)
+        check_choice("geometry", self.geometry, GEOMETRIES)
+        check_choice("calibration", self.calibration, CALIBRATIONS)
+        check_choice("device", self.device, DEVICES)
+        check(
+            self.matcher != "lightglue" or self.extractor in LIGHTGLUE_EXTRACTORS,
+            f"matcher 'lightglue' has pretrained weights for {', '.join(LIGHTGLUE_EXTRACTORS)} "
+            f"features only, not {self.extractor!r}: use --matcher classical with sift",
+        )
         for name in (
             "max_keypoints",
             "resize_long_side",
@@ -96,31 +107,45 @@ class RerankConfig:
             "queries_per_batch",
             "calibration_queries",
             "calibration_top_k",
+            "calibration_folds",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.resize_long_side < 32:
-            raise ConfigError(
-                f"resize_long_side must be at least 32 px, got {self.resize_long_side}"
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be a positive integer, got {value!r}",
             )
-        for name in ("actors",):
+        for name in ("actors", "calibration_deep_negatives", "min_negatives"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(
-                    f"{name} must be 0 (automatic) or a positive integer, got {value!r}"
-                )
-        for name in ("cpus_per_actor", "gpus_per_actor"):
-            if float(getattr(self, name)) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0.0 < float(self.ratio) <= 1.0:
-            raise ConfigError(f"ratio must be in (0, 1], got {self.ratio!r}")
-        if float(self.ransac_threshold) <= 0:
-            raise ConfigError(f"ransac_threshold must be > 0 pixels, got {self.ransac_threshold!r}")
-        if not 0.0 <= float(self.filter_threshold) < 1.0:
-            raise ConfigError(f"filter_threshold must be in [0, 1), got {self.filter_threshold!r}")
-        if self.threshold is not None and not 0.0 <= float(self.threshold) <= 1.0:
-            raise ConfigError(f"threshold must be a probability in [0, 1], got {self.threshold!r}")
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                f"{name} must be 0 or a positive integer, got {value!r}",
+            )
+        check(
+            self.calibration_negatives >= MIN_TOP_NEGATIVES,
+            f"calibration_negatives must be at least {MIN_TOP_NEGATIVES} (the open-set "
+            f"decision simulates absent individuals with them), got {self.calibration_negatives}",
+        )
+        check(
+            self.resize_long_side >= 32,
+            f"resize_long_side must be at least 32 px, got {self.resize_long_side}",
+        )
+        for name in ("cpus_per_actor", "gpus_per_actor", "weight_margin"):
+            check(
+                float(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}"
+            )
+        check(0.0 < float(self.ratio) <= 1.0, f"ratio must be in (0, 1], got {self.ratio!r}")
+        check(
+            float(self.ransac_threshold) > 0,
+            f"ransac_threshold must be > 0 pixels, got {self.ransac_threshold!r}",
+        )
+        check(
+            0.0 <= float(self.filter_threshold) < 1.0,
+            f"filter_threshold must be in [0, 1), got {self.filter_threshold!r}",
+        )
+        check(
+            self.threshold is None or 0.0 <= float(self.threshold) <= 1.0,
+            f"threshold must be a probability in [0, 1], got {self.threshold!r}",
+        )
 
     # -- derived settings -------------------------------------------------------------------
     @property
@@ -163,90 +188,16 @@ class RerankConfig:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     def replace(self, **changes: Any) -> RerankConfig:
-        return load_rerank_config(self.to_dict(), **changes)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-_INT_FIELDS = {f.name for f in fields(RerankConfig) if f.type in ("int",)}
-_FLOAT_FIELDS = {f.name for f in fields(RerankConfig) if f.type in ("float", "float | None")}
-_BOOL_FIELDS = {f.name for f in fields(RerankConfig) if f.type == "bool"}
+        """A validated copy with ``changes`` (``None`` values ignored)."""
+        return replace(self, **changes)
 
 
 def load_rerank_config(
-    source: dict[str, Any] | str | None = None, **overrides: Any
+    source: dict[str, Any] | str | RerankConfig | None = None, **overrides: Any
 ) -> RerankConfig:
-    """A ``RerankConfig`` from a dict or a YAML/JSON file (local or s3://), plus overrides.
-
-    Unknown keys raise ``ConfigError`` naming them and the valid keys. ``None`` overrides
-    are ignored (an unset CLI option keeps the file's or the default value).
-    """
-    data: dict[str, Any] = {}
-    if isinstance(source, str):
-        data = _read_config_file(source)
-    elif isinstance(source, dict):
-        data = dict(source)
-    elif source is not None:
-        raise ConfigError(f"a rerank config is a dict or a file path, not {type(source).__name__}")
-    if "rerank" in data and isinstance(data["rerank"], dict) and len(data) == 1:
-        data = dict(data["rerank"])
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    valid = {f.name for f in fields(RerankConfig)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ConfigError(
-            f"unknown rerank setting(s): {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
-        )
-    coerced: dict[str, Any] = {}
-    for key, value in data.items():
-        coerced[key] = _coerce(key, value)
-    return RerankConfig(**coerced)
-
-
-def _coerce(key: str, value: Any) -> Any:
-    try:
-        if value is None:
-            return None
-        if key in _BOOL_FIELDS:
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes", "on"):
-                    return True
-                if value.lower() in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if key in _INT_FIELDS:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if key in _FLOAT_FIELDS:
-            return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"rerank setting {key}: bad value {value!r}") from None
-    return value
-
-
-def _read_config_file(path: str) -> dict[str, Any]:
-    import yaml
-
-    from reid_ray import io as rio
-
-    try:
-        text = rio.read_bytes(path).decode()
-    except FileNotFoundError:
-        raise ConfigError(f"rerank config not found: {path}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"rerank config {path} is not valid YAML/JSON: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"rerank config {path} must hold a mapping of settings")
-    return data
+    """``load_config(RerankConfig, source, overrides, section="rerank")``: a dict, a YAML/JSON
+    file (local or s3://) or a config, plus overrides (``None`` ignored)."""
+    return load_config(RerankConfig, source, overrides, section="rerank")

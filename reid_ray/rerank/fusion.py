@@ -1,26 +1,24 @@
 """Calibrated fusion of the global cosine and the local score (WildFusion-style).
 
-What it computes, for a pair (query, candidate) with global cosine ``g`` and local score
-``l``:
+For a pair (query, candidate) with global cosine ``g`` and local score ``l``:
 
 1. ``p_g = C_g(g)`` and ``p_l = C_l(l)``: each score calibrated on its own into a
-   probability of "same individual" (isotonic regression, or a logistic fit on ``g`` and
-   ``log1p(l)``), fitted on labelled gallery pairs;
+   probability of "same individual" with scikit-learn (``IsotonicRegression``, or
+   ``LogisticRegression`` on the standardised ``g`` and ``log1p(l)``), fitted on labelled
+   gallery pairs;
 2. the fused score ``s = (1 - w) p_g + w p_l`` (``s = p_g`` where the local score is
    missing: a failed image never hurts a pair);
 3. the probability ``P(same) = C_s(s)``, a final monotone calibration of ``s``.
 
-The weight ``w`` is chosen on the labelled pairs by grouped cross-validation over their
-queries: the ``w`` with the best held-out top-1 (mean reciprocal rank breaks ties, then the
-smaller ``w``). ``w = 0`` ranks exactly as the global model does, so a local score that
-does not help on the labelled pairs is not used, and fusion does not make a strong global
-model worse on them. Ranking is by ``s`` then ``g``; ``P(same)`` is monotone in ``s``, so
-the order is the order of the calibrated probability (its ties broken by ``s``).
+The weight ``w`` is chosen on held-out calibration queries (folds grouped by the query's
+identity, so the calibrators never saw that individual): each held-out query ranks its
+candidates, same and other identities, by ``s``, and the criterion is the mean average
+precision over the queries that hold both kinds. Top-1 is not used: on a model trained on
+the gallery it is 1.0 at every weight and has no signal. ``w = 0`` (the global order) is
+kept unless another weight beats its mean AP by ``margin``; the stats say why.
 
-A query whose top candidate has ``P(same) < threshold`` (default 0.5, where "same" becomes
-the likelier answer) is a new individual. The model is plain numbers: ``to_dict`` /
-``from_dict`` store it with the results, and there is no way to score with an uncalibrated
-one.
+A fitted model is plain numbers (``to_dict``/``from_dict``); there is no way to score with
+an uncalibrated one.
 """
 
 from __future__ import annotations
@@ -37,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 FUSION_FORMAT = "reid-ray-fusion/1"
 DEFAULT_WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
+KINDS = ("isotonic", "logistic")
+TRANSFORMS = ("identity", "log1p")
 
 
 # -- one-dimensional calibrators ----------------------------------------------------------------
@@ -44,9 +44,10 @@ DEFAULT_WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
 
 @dataclass(frozen=True)
 class Calibrator:
-    """A monotone map from a score to a probability: ``isotonic`` (piecewise linear through
-    the fitted points, clipped at the ends) or ``logistic`` (``sigmoid(a * x + b)``), after
-    an optional ``log1p`` of the score."""
+    """A monotone map from a score to a probability, fitted by scikit-learn and stored as
+    numbers: ``isotonic`` (the fitted thresholds, interpolated linearly and clipped at the
+    ends, exactly as ``IsotonicRegression.predict`` with ``out_of_bounds="clip"``) or
+    ``logistic`` (``sigmoid(a * x + b)``), after an optional ``log1p`` of the score."""
 
     kind: str
     transform: str = "identity"
@@ -57,9 +58,7 @@ class Calibrator:
 
     def _t(self, values: np.ndarray) -> np.ndarray:
         v = np.asarray(values, dtype=np.float64)
-        if self.transform == "log1p":
-            return np.log1p(np.maximum(v, 0.0))
-        return v
+        return np.log1p(np.maximum(v, 0.0)) if self.transform == "log1p" else v
 
     def predict(self, values: np.ndarray) -> np.ndarray:
         v = self._t(values)
@@ -91,7 +90,7 @@ class Calibrator:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad calibrator in fusion model: {exc}") from None
-        if cal.kind not in ("isotonic", "logistic") or cal.transform not in ("identity", "log1p"):
+        if cal.kind not in KINDS or cal.transform not in TRANSFORMS:
             raise ConfigError(
                 f"bad calibrator in fusion model: kind {cal.kind!r}, transform {cal.transform!r}"
             )
@@ -103,78 +102,34 @@ class Calibrator:
 def fit_calibrator(
     values: np.ndarray, labels: np.ndarray, kind: str, transform: str = "identity"
 ) -> Calibrator:
-    """Fit a monotone (non-decreasing for isotonic) calibrator of ``values`` to ``labels``."""
-    proto = Calibrator(kind, transform)
-    x = proto._t(values)
+    """Fit a non-decreasing calibrator of ``values`` to the 0/1 ``labels`` (scikit-learn)."""
+    if kind not in KINDS:
+        raise ConfigError(f"calibration must be one of {', '.join(KINDS)}, got {kind!r}")
+    x = Calibrator(kind, transform)._t(values)
     y = np.asarray(labels, dtype=np.float64)
-    if kind == "isotonic":
-        xs, ys = isotonic_fit(x, y)
-        return Calibrator(kind, transform, tuple(xs), tuple(ys))
-    if kind == "logistic":
-        a, b = logistic_fit(x, y)
-        return Calibrator(kind, transform, a=a, b=b)
-    raise ConfigError(f"calibration must be 'isotonic' or 'logistic', got {kind!r}")
-
-
-def isotonic_fit(x: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]]:
-    """Non-decreasing least-squares fit of ``y`` on ``x`` (pool adjacent violators).
-
-    Returns the knots ``(xs, ys)`` of the fitted step function: the first and last ``x`` of
-    every block, for linear interpolation between blocks (as scikit-learn's
-    ``IsotonicRegression`` predicts); ties in ``x`` are averaged first.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
     if x.size == 0:
         raise ConfigError("cannot calibrate on zero pairs")
-    ux, inv, cnt = np.unique(x, return_inverse=True, return_counts=True)
-    means = np.bincount(inv, weights=y) / cnt
-    vals: list[float] = []
-    wts: list[float] = []
-    starts: list[int] = []
-    for i in range(len(ux)):
-        v, w, s = float(means[i]), float(cnt[i]), i
-        while vals and vals[-1] >= v:
-            pv, pw, ps = vals.pop(), wts.pop(), starts.pop()
-            v, w, s = (pv * pw + v * w) / (pw + w), pw + w, ps
-        vals.append(v)
-        wts.append(w)
-        starts.append(s)
-    xs: list[float] = []
-    ys: list[float] = []
-    for j, s in enumerate(starts):
-        e = starts[j + 1] - 1 if j + 1 < len(starts) else len(ux) - 1
-        xs.append(float(ux[s]))
-        ys.append(float(np.clip(vals[j], 0.0, 1.0)))
-        if e != s:
-            xs.append(float(ux[e]))
-            ys.append(float(np.clip(vals[j], 0.0, 1.0)))
-    return xs, ys
+    if kind == "isotonic":
+        from sklearn.isotonic import IsotonicRegression
 
-
-def logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> tuple[float, float]:
-    """``(a, b)`` of ``P(y=1) = sigmoid(a x + b)`` by Newton's method, a small L2 penalty on
-    the slope (of the standardised ``x``) keeping separable data finite."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+        iso.fit(x, y)
+        return Calibrator(
+            kind,
+            transform,
+            tuple(map(float, iso.X_thresholds_)),
+            tuple(map(float, iso.y_thresholds_)),
+        )
     rate = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
     mu, sd = float(x.mean()), float(x.std())
-    if sd == 0:
-        return 0.0, float(np.log(rate / (1 - rate)))
-    z = (x - mu) / sd
-    a, b = 0.0, float(np.log(rate / (1 - rate)))
-    for _ in range(100):
-        p = 1.0 / (1.0 + np.exp(-np.clip(a * z + b, -50, 50)))
-        w = p * (1 - p)
-        grad = np.array([np.sum((p - y) * z) + l2 * a, np.sum(p - y)])
-        hess = np.array(
-            [[np.sum(w * z * z) + l2, np.sum(w * z)], [np.sum(w * z), np.sum(w) + 1e-9]]
-        )
-        step = np.linalg.solve(hess, grad)
-        a, b = a - float(step[0]), b - float(step[1])
-        if np.max(np.abs(step)) < 1e-10:
-            break
-    return a / sd, b - a * mu / sd
+    if sd == 0 or y.min() == y.max():  # nothing to regress on: the base rate
+        return Calibrator(kind, transform, a=0.0, b=float(np.log(rate / (1 - rate))))
+    from sklearn.linear_model import LogisticRegression
+
+    # C=1 on the standardised score: a small L2 penalty keeps separable data finite
+    lr = LogisticRegression(C=1.0).fit(((x - mu) / sd)[:, None], y.astype(int))
+    a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    return Calibrator(kind, transform, a=a / sd, b=b - a * mu / sd)
 
 
 # -- the fusion model ---------------------------------------------------------------------------
@@ -205,20 +160,23 @@ class FusionModel:
     def fused_score(self, global_scores: np.ndarray, local_scores: np.ndarray) -> np.ndarray:
         """The ranking key ``s`` (see the module doc); NaN local scores use the global part."""
         g, loc = _as_scores(global_scores, local_scores)
-        p_g = self.global_cal.predict(g)
-        has_local = np.isfinite(loc)
-        p_l = np.where(has_local, self.local_cal.predict(np.where(has_local, loc, 0.0)), p_g)
-        return (1.0 - self.weight) * p_g + self.weight * p_l
+        return _fuse(self.global_cal, self.local_cal, self.weight, g, loc)
 
     def predict_proba(self, global_scores: np.ndarray, local_scores: np.ndarray) -> np.ndarray:
         """Calibrated P(same individual) per pair, in [0, 1]."""
-        return np.clip(
-            self.final_cal.predict(self.fused_score(global_scores, local_scores)), 0.0, 1.0
-        )
+        s = self.fused_score(global_scores, local_scores)
+        return np.clip(self.final_cal.predict(s), 0.0, 1.0)
 
     def is_new(self, top_probability: np.ndarray) -> np.ndarray:
         """Known-vs-new decision on each query's top calibrated probability."""
         return np.asarray(top_probability, dtype=np.float64) < self.threshold
+
+    def with_threshold(self, threshold: float | None) -> FusionModel:
+        if threshold is None:
+            return self
+        return FusionModel(
+            self.global_cal, self.local_cal, self.final_cal, self.weight, threshold, self.stats
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -236,7 +194,7 @@ class FusionModel:
         if not isinstance(d, dict) or d.get("format") != FUSION_FORMAT:
             raise ConfigError(
                 f"not a calibrated fusion model (expected format {FUSION_FORMAT!r}); "
-                "fit one with fit_fusion / reid-ray evaluate --rerank"
+                "fit one with reid-ray rerank --calibration or evaluate --rerank"
             )
         for key in ("global", "local", "final", "weight"):
             if key not in d:
@@ -265,6 +223,13 @@ class FusionModel:
             raise ConfigError(f"fusion model not found: {path}") from None
 
 
+def _fuse(cg: Calibrator, cl: Calibrator, w: float, g: np.ndarray, loc: np.ndarray) -> np.ndarray:
+    p_g = cg.predict(g)
+    has_local = np.isfinite(loc)
+    p_l = np.where(has_local, cl.predict(np.where(has_local, loc, 0.0)), p_g)
+    return (1.0 - w) * p_g + w * p_l
+
+
 def _as_scores(global_scores, local_scores) -> tuple[np.ndarray, np.ndarray]:
     g = np.asarray(global_scores, dtype=np.float64).ravel()
     loc = np.asarray(
@@ -290,7 +255,7 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-# -- ranking helpers ----------------------------------------------------------------------------
+# -- ranking quality ----------------------------------------------------------------------------
 
 
 def order_within_queries(
@@ -300,25 +265,44 @@ def order_within_queries(
     return np.lexsort((-np.asarray(secondary), -np.asarray(primary), np.asarray(query_index)))
 
 
+def per_query_metrics(
+    query_index: np.ndarray, primary: np.ndarray, secondary: np.ndarray, positive: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per query (sorted ids): ``ap`` (average precision of the order by ``primary`` then
+    ``secondary``), ``top1``, ``rr`` (reciprocal rank of the first positive), ``positives``
+    and ``negatives``. Queries without a positive get NaN ``ap``/``top1``/``rr``."""
+    q = np.asarray(query_index)
+    order = order_within_queries(q, primary, secondary)
+    qs, pos = q[order], np.asarray(positive, dtype=bool)[order]
+    if qs.size == 0:
+        empty = np.zeros(0)
+        return {"ap": empty, "top1": empty, "rr": empty, "positives": empty, "negatives": empty}
+    starts = np.r_[0, np.nonzero(qs[1:] != qs[:-1])[0] + 1]
+    counts = np.diff(np.r_[starts, qs.size])
+    rank = np.arange(qs.size) - np.repeat(starts, counts)
+    cum = np.cumsum(pos)
+    before = np.repeat(np.r_[0, cum[starts[1:] - 1]], counts)
+    hits = cum - before  # positives up to and including this row, within its query
+    n_pos = np.add.reduceat(pos.astype(np.int64), starts)
+    prec_sum = np.add.reduceat(np.where(pos, hits / (rank + 1.0), 0.0), starts)
+    first = np.where(pos, rank, np.iinfo(np.int64).max)
+    first = np.minimum.reduceat(first, starts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.where(n_pos > 0, prec_sum / np.maximum(n_pos, 1), np.nan)
+        rr = np.where(n_pos > 0, 1.0 / (first + 1.0), np.nan)
+    top1 = np.where(n_pos > 0, (first == 0).astype(np.float64), np.nan)
+    return {"ap": ap, "top1": top1, "rr": rr, "positives": n_pos, "negatives": counts - n_pos}
+
+
 def ranking_quality(
     query_index: np.ndarray, primary: np.ndarray, secondary: np.ndarray, positive: np.ndarray
 ) -> tuple[float, float]:
     """``(top-1, mean reciprocal rank)`` over queries that have a positive candidate."""
-    q = np.asarray(query_index)
-    order = order_within_queries(q, primary, secondary)
-    qs, pos = q[order], np.asarray(positive, dtype=bool)[order]
-    starts = np.r_[0, np.nonzero(qs[1:] != qs[:-1])[0] + 1]
-    rank_in_q = np.arange(len(qs)) - np.repeat(starts, np.diff(np.r_[starts, len(qs)]))
-    top1, rr = [], []
-    for s, e in zip(starts, np.r_[starts[1:], len(qs)], strict=True):
-        hits = np.nonzero(pos[s:e])[0]
-        if len(hits) == 0:
-            continue
-        top1.append(float(hits[0] == 0))
-        rr.append(1.0 / (1 + rank_in_q[s + hits[0]]))
-    if not top1:
+    m = per_query_metrics(query_index, primary, secondary, positive)
+    ok = m["positives"] > 0
+    if not ok.any():
         return 0.0, 0.0
-    return float(np.mean(top1)), float(np.mean(rr))
+    return float(np.mean(m["top1"][ok])), float(np.mean(m["rr"][ok]))
 
 
 # -- fitting ------------------------------------------------------------------------------------
@@ -330,31 +314,48 @@ def fit_fusion(
     same_identity: np.ndarray,
     query_ids: np.ndarray | None = None,
     *,
+    groups: np.ndarray | None = None,
     method: str = "isotonic",
     weights: tuple[float, ...] = DEFAULT_WEIGHTS,
     folds: int = 5,
+    margin: float = 0.01,
+    min_negatives: int = 0,
     threshold: float | None = None,
     seed: int = 0,
 ) -> FusionModel:
     """Fit the fusion on labelled pairs (see the module doc).
 
-    ``local_scores`` may hold NaN (pairs without a local score). Without ``query_ids`` the
-    weight cannot be chosen by ranking quality and is 0.5 (WildFusion's plain average).
-    Raises ``ConfigError`` without both same and different pairs.
+    ``local_scores`` may hold NaN (pairs without a local score). ``query_ids`` group the
+    pairs into rankings; ``groups`` (default: the query ids) keep a group's queries in one
+    fold: pass the query's identity. Without ``query_ids`` the weight cannot be judged and
+    is 0 unless ``weights`` holds one value. Raises ``ConfigError`` without both same and
+    different pairs, or with fewer than ``min_negatives`` different pairs.
     """
     g, loc = _as_scores(global_scores, local_scores)
     y = np.asarray(same_identity).astype(bool).ravel()
     if y.shape != g.shape:
         raise ConfigError(f"same_identity has {y.size} labels for {g.size} pairs")
+    n_neg = int((~y).sum())
     if y.all() or not y.any():
         raise ConfigError(
             f"calibration needs labelled pairs of both kinds: {int(y.sum())} same-individual and "
-            f"{int((~y).sum())} different-individual pairs given"
+            f"{n_neg} different-individual pairs given"
+        )
+    if n_neg < min_negatives:
+        raise ConfigError(
+            f"calibration would be fitted on {n_neg} different-individual pairs, fewer than "
+            f"min_negatives={min_negatives}: give more labelled gallery candidates (more "
+            "queries or calibration_negatives), or lower min_negatives knowingly"
         )
     has_local = np.isfinite(loc)
-    if has_local.sum() == 0 or y[has_local].all() or not y[has_local].any():
-        logger.warning("no usable local scores among the calibration pairs: fusing with weight 0")
-        weights = (0.0,)
+    weights = tuple(sorted({float(w) for w in weights}))
+    stats: dict[str, Any] = {
+        "pairs": int(g.size),
+        "same_pairs": int(y.sum()),
+        "different_pairs": n_neg,
+        "pairs_with_local": int(has_local.sum()),
+        "method": method,
+    }
 
     def fit_parts(idx: np.ndarray) -> tuple[Calibrator, Calibrator]:
         cg = fit_calibrator(g[idx], y[idx], method)
@@ -365,61 +366,91 @@ def fit_fusion(
             cl = fit_calibrator(loc[li], y[li], method, transform="log1p")
         return cg, cl
 
-    def fused(cg: Calibrator, cl: Calibrator, w: float, idx: np.ndarray) -> np.ndarray:
-        p_g = cg.predict(g[idx])
-        hl = has_local[idx]
-        p_l = np.where(hl, cl.predict(np.where(hl, loc[idx], 0.0)), p_g)
-        return (1.0 - w) * p_g + w * p_l
-
-    stats: dict[str, Any] = {
-        "pairs": int(g.size),
-        "same_pairs": int(y.sum()),
-        "pairs_with_local": int(has_local.sum()),
-        "method": method,
-    }
-    weights = tuple(sorted({float(w) for w in weights}))
     oof = None
-    if query_ids is not None and len(weights) > 1:
-        q = np.asarray(query_ids).astype(str).ravel()
-        if q.shape != g.shape:
-            raise ConfigError(f"query_ids has {q.size} entries for {g.size} pairs")
-        uq, qidx = np.unique(q, return_inverse=True)
-        rng = np.random.default_rng(seed)
-        fold_of_query = rng.permutation(len(uq)) % max(2, min(int(folds), len(uq)))
-        fold = fold_of_query[qidx]
-        oof = np.full((len(weights), g.size), np.nan)
-        for f in np.unique(fold):
-            train, test = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
-            if y[train].all() or not y[train].any():
-                train = np.arange(g.size)  # too few labels to hold out: fit on all
-            cg, cl = fit_parts(train)
-            for k, w in enumerate(weights):
-                oof[k, test] = fused(cg, cl, w, test)
-        table = {}
-        for k, w in enumerate(weights):
-            table[w] = ranking_quality(qidx, oof[k], g, y)
-        best = max(weights, key=lambda w: (round(table[w][0], 9), round(table[w][1], 9), -w))
-        stats["cv"] = {f"{w:g}": {"top1": t1, "mrr": mrr} for w, (t1, mrr) in table.items()}
-        stats["cv_top1_global"] = table[weights[0]][0] if weights[0] == 0.0 else None
-        stats["cv_top1_fused"] = table[best][0]
-        stats["queries"] = int(len(uq))
-        weight = best
+    if len(weights) == 1:
+        weight, reason = weights[0], "fixed by the caller"
+    elif not has_local.any() or y[has_local].all() or not y[has_local].any():
+        weight, reason = 0.0, "no local scores of both kinds among the calibration pairs"
+    elif query_ids is None:
+        weight, reason = 0.0, "no query ids to judge a ranking by: the global order"
     else:
-        weight = weights[0] if len(weights) == 1 else 0.5
+        weight, reason, oof = _choose_weight(
+            g, loc, y, query_ids, groups, weights, folds, margin, seed, fit_parts, stats
+        )
     cg, cl = fit_parts(np.arange(g.size))
     if oof is not None:
         s_fit = oof[weights.index(weight)]
     else:
-        s_fit = fused(cg, cl, weight, np.arange(g.size))
+        s_fit = _fuse(cg, cl, weight, g, loc)
     final = fit_calibrator(s_fit, y, method)
-    stats["weight"] = float(weight)
-    model = FusionModel(
-        cg, cl, final, float(weight), 0.5 if threshold is None else float(threshold), stats
-    )
+    stats.update(weight=float(weight), weight_reason=reason)
     logger.info(
-        "fusion fitted on %d pairs (%d same): weight of the local score %.2f",
+        "fusion fitted on %d pairs (%d same, %d different): local weight %.2f (%s)",
         g.size,
         int(y.sum()),
+        n_neg,
         weight,
+        reason,
     )
-    return model
+    return FusionModel(
+        cg, cl, final, float(weight), 0.5 if threshold is None else float(threshold), stats
+    )
+
+
+def _choose_weight(g, loc, y, query_ids, groups, weights, folds, margin, seed, fit_parts, stats):
+    """Held-out mean AP per weight (folds grouped by ``groups``); returns the weight, why,
+    and the out-of-fold fused scores (weights x pairs)."""
+    q = np.asarray(query_ids).astype(str).ravel()
+    if q.shape != g.shape:
+        raise ConfigError(f"query_ids has {q.size} entries for {g.size} pairs")
+    grp = q if groups is None else np.asarray(groups).astype(str).ravel()
+    if grp.shape != g.shape:
+        raise ConfigError(f"groups has {grp.size} entries for {g.size} pairs")
+    _, qidx = np.unique(q, return_inverse=True)
+    ugrp, gidx = np.unique(grp, return_inverse=True)
+    n_folds = max(2, min(int(folds), len(ugrp)))
+    fold = (np.random.default_rng(seed).permutation(len(ugrp)) % n_folds)[gidx]
+    oof = np.full((len(weights), g.size), np.nan)
+    for f in range(n_folds):
+        train, test = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
+        if test.size == 0:
+            continue
+        if y[train].all() or not y[train].any():
+            train = np.arange(g.size)  # too few labels to hold out: fit on all
+        cg, cl = fit_parts(train)
+        for k, w in enumerate(weights):
+            oof[k, test] = _fuse(cg, cl, w, g[test], loc[test])
+    table = {}
+    usable = None
+    for k, w in enumerate(weights):
+        m = per_query_metrics(qidx, oof[k], g, y)
+        usable = (m["positives"] > 0) & (m["negatives"] > 0)
+        table[w] = {
+            "map": float(np.mean(m["ap"][usable])) if usable.any() else None,
+            "top1": float(np.mean(m["top1"][usable])) if usable.any() else None,
+        }
+    n_usable = int(usable.sum()) if usable is not None else 0
+    stats["cv"] = {f"{w:g}": v for w, v in table.items()}
+    stats["cv_queries"] = n_usable
+    stats["cv_folds"] = n_folds
+    stats["cv_criterion"] = "mean average precision of held-out queries (same and other ids)"
+    if n_usable == 0:
+        return 0.0, "no held-out query has candidates of both kinds: no signal", oof
+    base = table[weights[0]]["map"] if weights[0] == 0.0 else None
+    best = max(weights, key=lambda w: (round(table[w]["map"], 9), -w))
+    if base is None:
+        return best, f"best held-out mAP {table[best]['map']:.4f} (no global-only weight)", oof
+    gain = table[best]["map"] - base
+    if best == 0.0 or gain <= margin:
+        return (
+            0.0,
+            f"no weight beats the global score's held-out mAP {base:.4f} by more than "
+            f"{margin:g} (best {best:g}: {table[best]['map']:.4f}): global order kept",
+            oof,
+        )
+    return (
+        best,
+        f"held-out mAP {table[best]['map']:.4f} at weight {best:g} vs {base:.4f} global only "
+        f"over {n_usable} queries",
+        oof,
+    )

@@ -23,7 +23,8 @@ import numpy as np
 
 from reid_ray.errors import ModelError
 from reid_ray.rerank.config import RerankConfig
-from reid_ray.rerank.features import LocalFeatures, load_state_dict
+from reid_ray.rerank.features import LocalFeatures
+from reid_ray.rerank.registry import feature_spec, load_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -167,15 +168,16 @@ def build_lightglue(
     import torch
     from kornia.feature import LightGlue
 
-    if features not in ("disk", "aliked"):
+    spec = feature_spec(features)
+    if not spec.lightglue_weights or not spec.kornia_name:
         raise ModelError(f"no pretrained LightGlue weights for {features!r} features")
-    conf = {k: v for k, v in LightGlue.features[features].items() if k != "weights"}
+    conf = {k: v for k, v in LightGlue.features[spec.kornia_name].items() if k != "weights"}
     conf["filter_threshold"] = float(filter_threshold)
     if not adaptive:
         conf.update(depth_confidence=-1, width_confidence=-1)
     with preserved_torch_flags():
         model = LightGlue(features=None, **conf)
-    state = load_state_dict(f"{features}_lightglue", device="cpu")
+    state = load_state_dict(spec.lightglue_weights, device="cpu")
     n_layers = model.conf.n_layers
     renamed = {}
     for key, value in state.items():

@@ -73,7 +73,7 @@ def render_queries(
 ) -> list[str]:
     """Write ``<out_dir>/<query_id>.jpg`` for up to ``max_queries`` queries; returns paths.
 
-    ``reranked`` is the output of ``rerank`` (or candidates with ``rank``); features come
+    ``reranked`` is ``RerankResult.ranked`` (or candidates with ``rank`` and ``score``); features come
     from ``cache_root`` (extracted here when missing). Unusable images are skipped with a
     log line, never an exception.
     """
@@ -86,11 +86,11 @@ def render_queries(
         load_prepared,
     )
     from reid_ray.rerank.matchers import PairScorer
-    from reid_ray.rerank.pipeline import as_manifest
+    from reid_ray.rerank.scoring import as_manifest
 
     manifest = as_manifest(manifest)
     df = reranked.to_pandas()
-    rank_col = "new_rank" if "new_rank" in df.columns else "rank"
+    rank_col = "rank"
     df = df.sort_values(["query_id", rank_col])
     queries = query_ids or list(dict.fromkeys(df["query_id"]))[:max_queries]
     rows = {r["image_id"]: r for r in manifest.table.to_pylist()}
@@ -138,10 +138,11 @@ def render_queries(
             else:
                 color, verdict = RED, "wrong"
             prob = r.get("probability")
+            glob = float(r.get("global_score", r.get("score")))
             caption = (
                 f"#{int(r[rank_col])} {g} [{g_ident}] {verdict}  "
                 + (f"p={prob:.2f} " if prob is not None and np.isfinite(prob) else "")
-                + f"local={result.score(scorer.score_kind):.1f} global={float(r['score']):.3f}"
+                + f"local={result.score(scorer.score_kind):.1f} global={glob:.3f}"
             )
             panels.append(
                 _pair_panel(
