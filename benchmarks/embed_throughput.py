@@ -14,12 +14,13 @@ One run measures, side by side on this machine:
 3. **peak memory** of the pipeline at two dataset sizes: the largest sum of PSS
    (proportional set size: shared pages such as the object store counted once) over the
    child's whole process tree (driver, GCS, raylet, workers), sampled every 0.5 s (the
-   process list refreshed every 2 s); with the CPU seconds of every process in the tree.
+   process list refreshed every 2 s; psutil); with the CPU seconds of every process in
+   the tree, so the CPU cost per image compares with the ceiling's whatever the load.
 
 Usage::
 
     python benchmarks/embed_throughput.py                       # defaults below
-    python benchmarks/embed_throughput.py --sizes 2000,10000 --model timm:resnet18
+    python benchmarks/embed_throughput.py --sizes 2000,10000 --model timm-random:resnet18
 
 Writes ``benchmarks/results/embed_throughput.json``.
 """
@@ -42,74 +43,23 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_RESULT = HERE / "results" / "embed_throughput.json"
 
 
-# --- memory of a process tree (Linux /proc) ---------------------------------------------------
+# --- memory and CPU of a process tree (psutil) ------------------------------------------------
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def _tree(pid: int) -> list[int]:
-    children = _children_map()
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        stack.extend(children.get(p, []))
-    return out
-
-
-def _mem_kb(pid: int) -> tuple[int, int]:
-    """(Pss, Rss) in kB from smaps_rollup; (0, 0) when the process is gone."""
-    pss = rss = 0
+def _name(proc) -> str:
+    """A readable process name: Ray workers by their ``ray::`` title, else the program."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    pss = int(line.split()[1])
-                elif line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-    except OSError:
-        pass
-    return pss, rss
-
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> tuple[str, float] | None:
-    """(process name, user + system CPU seconds so far), None when gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().split(b"\0")[0].decode(errors="replace")
-    except OSError:
-        return None
-    head, rest = stat.rsplit(")", 1)
-    fields = rest.split()
-    name = head.split("(", 1)[1]
-    if name.startswith("ray::") or "ray::" in cmd:
-        name = cmd if cmd.startswith("ray::") else name
-    elif cmd:
-        name = os.path.basename(cmd)
-    return name, (int(fields[11]) + int(fields[12])) / CLK_TCK
+        cmd = proc.cmdline()
+        name = proc.name()
+    except Exception:  # noqa: BLE001 - gone or not ours: psutil raises several kinds
+        return "?"
+    return cmd[0] if cmd and cmd[0].startswith("ray::") else name
 
 
 class TreeMemorySampler(threading.Thread):
-    """Samples a process tree until stopped: peak summed PSS/RSS, and the CPU seconds each
-    process used (the last value seen before it exited)."""
+    """Samples a process tree until stopped: peak summed PSS/RSS (PSS counts shared pages
+    such as the object store once), and the CPU seconds each process used (the last
+    value seen before it exited)."""
 
     def __init__(self, pid: int, interval: float = 0.5, rescan: float = 2.0) -> None:
         super().__init__(daemon=True)
@@ -120,23 +70,40 @@ class TreeMemorySampler(threading.Thread):
         self.cpu: dict[int, tuple[str, float]] = {}
         self._halt = threading.Event()
 
+    def _tree(self) -> list:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def run(self) -> None:
-        pids: list[int] = []
+        import psutil
+
+        procs: list = []
         last_scan = -1e9
         while not self._halt.is_set():
             if time.monotonic() - last_scan >= self.rescan:
-                # walking all of /proc is the costly part: the tree changes slowly
-                pids, last_scan = _tree(self.pid), time.monotonic()
+                # listing every process is the costly part: the tree changes slowly
+                procs, last_scan = self._tree(), time.monotonic()
             pss = rss = 0
-            for p in pids:
-                a, b = _mem_kb(p)
-                pss, rss = pss + a, rss + b
-                cpu = _cpu_seconds(p)
-                if cpu is not None:
-                    self.cpu[p] = cpu
+            for proc in procs:
+                try:
+                    with proc.oneshot():
+                        mem = proc.memory_full_info()
+                        times = proc.cpu_times()
+                    pss += getattr(mem, "pss", mem.rss) // 1024
+                    rss += mem.rss // 1024
+                    if proc.pid not in self.cpu:
+                        self.cpu[proc.pid] = (_name(proc), 0.0)
+                    self.cpu[proc.pid] = (self.cpu[proc.pid][0], times.user + times.system)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
             self.peak_pss_kb = max(self.peak_pss_kb, pss)
             self.peak_rss_kb = max(self.peak_rss_kb, rss)
-            self.peak_processes = max(self.peak_processes, len(pids))
+            self.peak_processes = max(self.peak_processes, len(procs))
             self.samples += 1
             self._halt.wait(self.interval)
 
@@ -157,7 +124,7 @@ class TreeMemorySampler(threading.Thread):
 def child_main(args: argparse.Namespace) -> None:
     import ray
 
-    from reid_ray.embed import EmbedConfig
+    from reid_ray.embed import load_embed_config
     from reid_ray.embed.pipeline import embed
     from reid_ray.runtime import configure_data_context
 
@@ -171,7 +138,7 @@ def child_main(args: argparse.Namespace) -> None:
         log_to_driver=False,
     )
     configure_data_context()
-    cfg = EmbedConfig(**json.loads(args.config))
+    cfg = load_embed_config(json.loads(args.config))
     marks: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -314,7 +281,8 @@ def measure_ceiling(manifest: str, args, plan: dict, n_images: int) -> dict:
 
 def planned(args, cfg: dict) -> dict:
     """The plan the pipeline will use on this machine (computed the same way)."""
-    from reid_ray.embed import EmbedConfig, plan_resources
+    from reid_ray.embed import load_embed_config, plan_resources
+    from reid_ray.runtime import ClusterView
 
     cpus = args.cpus or os.cpu_count() or 1
     gpus = 0
@@ -324,7 +292,7 @@ def planned(args, cfg: dict) -> dict:
         gpus = torch.cuda.device_count()
     except ImportError:
         pass
-    return plan_resources(EmbedConfig(**cfg), cpus, gpus).to_dict()
+    return plan_resources(load_embed_config(cfg), ClusterView(cpus, gpus)).to_dict()
 
 
 def main() -> None:
@@ -334,7 +302,7 @@ def main() -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--config", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(DEFAULT_RESULT), help="Result JSON path.")
-    parser.add_argument("--model", default="timm:resnet18")
+    parser.add_argument("--model", default="timm-random:resnet18")
     parser.add_argument("--image-size", type=int, default=None, help="Default: the model's.")
     parser.add_argument("--source-px", type=int, default=256, help="Toy-zoo image side.")
     parser.add_argument(

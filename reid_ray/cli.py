@@ -34,6 +34,7 @@ STAGE_COMMANDS = [
     ("rerank", "reid_ray.rerank.commands", "rerank_command"),
     ("benchmark", "reid_ray.benchmark.commands", "benchmark_command"),
     ("al", "reid_ray.active.commands", "al_command"),
+    ("al", "reid_ray.active.commands", "al_command"),
 ]
 
 

@@ -101,6 +101,78 @@ def test_exif_orientation_is_applied(gradient):
     assert img[5, 20, 0] > 150 and img[55, 20, 1] > 150
 
 
+def _big_scene(h: int = 1200, w: int = 1600) -> np.ndarray:
+    """A large picture with structure at several scales (seeded)."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack(
+        [(xx * 255 // w), (yy * 255 // h), ((xx // 100 + yy // 100) % 2) * 200], axis=-1
+    ).astype(np.uint8)
+    for _ in range(12):
+        y, x = rng.integers(0, h - 200), rng.integers(0, w - 200)
+        arr[y : y + 150, x : x + 150] = rng.integers(0, 255, 3)
+    return arr
+
+
+def test_large_jpeg_decodes_at_reduced_scale_to_the_same_picture():
+    data = _jpeg_bytes(_big_scene())
+    size = (64, 64)
+    full = decode_image(data)
+    fast = decode_image(data, target=size)
+    assert full.shape == (1200, 1600, 3)
+    assert 64 <= fast.shape[0] <= 150 and 64 <= fast.shape[1] <= 200  # 1/8 scale
+    diff = np.abs(
+        resize_image(full, size).astype(int) - resize_image(fast, size).astype(int)
+    ).mean()
+    assert diff < 4.0, diff
+    # a bbox in full-resolution pixels: the crop is the same region, still >= the target
+    bbox = [400, 300, 800, 600]
+    full_crop, fast_crop = decode_image(data, bbox), decode_image(data, bbox, target=size)
+    assert full_crop.shape == (600, 800, 3) and 64 <= fast_crop.shape[0] < 600
+    diff = np.abs(
+        resize_image(full_crop, size).astype(int) - resize_image(fast_crop, size).astype(int)
+    ).mean()
+    assert diff < 4.0, diff
+    # a target close to the image size, and PNGs, decode at full size
+    assert decode_image(data, target=(800, 900)).shape == (1200, 1600, 3)
+    png = _png_bytes(Image.fromarray(_big_scene(300, 400)))
+    assert decode_image(png, target=(16, 16)).shape == (300, 400, 3)
+
+
+def test_reduced_scale_respects_exif_rotation():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    scene = _big_scene(800, 1600)  # wide; shown tall
+    data = _jpeg_bytes(scene, exif=exif.tobytes())
+    full, fast = decode_image(data), decode_image(data, target=(128, 64))
+    assert full.shape == (1600, 800, 3) and fast.shape[0] >= 128 and fast.shape[1] >= 64
+    assert fast.shape[0] < 1600
+    diff = np.abs(
+        resize_image(full, (128, 64)).astype(int) - resize_image(fast, (128, 64)).astype(int)
+    ).mean()
+    assert diff < 4.0, diff
+
+
+def test_load_batch_reads_concurrently_with_the_same_result(tmp_path, gradient):
+    from reid_ray.data.pipeline import load_batch
+
+    paths = []
+    for k in range(6):
+        path = tmp_path / f"i{k}.jpg"
+        path.write_bytes(_jpeg_bytes(np.roll(gradient, k * 5, axis=1)))
+        paths.append(str(path))
+    paths.append(str(tmp_path / "absent.jpg"))
+    batch = {
+        "image_id": np.array([f"i{k}" for k in range(7)], dtype=object),
+        "path": np.array(paths, dtype=object),
+    }
+    one = load_batch(batch, size=(16, 16), read_threads=1)
+    many = load_batch(batch, size=(16, 16), read_threads=4)
+    np.testing.assert_array_equal(one["image"], many["image"])
+    assert list(one["error"]) == list(many["error"])
+    assert many["error"][-1].startswith("missing file") and not any(many["error"][:-1])
+
+
 def test_decompression_bomb_is_refused():
     big = Image.new("L", (3000, 3000))
     with pytest.raises(ImageError, match="too large|bomb"):

@@ -7,7 +7,10 @@ import pathlib
 import pytest
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "jobs" / "configs"
-LOADERS = {"train_": "reid_ray.train:load_job_config"}
+LOADERS = {
+    "train_": "reid_ray.train:load_job_config",
+    "al_": "reid_ray.active.config:load_al_config",
+}
 
 
 def _loader(name: str):

@@ -19,13 +19,25 @@ MAX_PIXELS = 256_000_000
 
 
 def decode_image(
-    data: bytes, bbox: Sequence[float] | None = None, *, max_pixels: int = MAX_PIXELS
+    data: bytes,
+    bbox: Sequence[float] | None = None,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    target: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Decode image bytes to an HxWx3 uint8 RGB array, EXIF rotation applied, bbox cropped."""
+    """Decode image bytes to an HxWx3 uint8 RGB array, EXIF rotation applied, bbox cropped.
+
+    ``target`` (h, w): the size the caller resizes to next. A JPEG much larger than that
+    is decoded at a reduced scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling via PIL
+    ``draft``) that still leaves the image, or the bbox crop, at least ``target``: the
+    same picture after the resize, at a fraction of the decode time. The bbox is given
+    in full-resolution pixels either way.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ImageError("empty file (0 bytes)")
+    scale = 1.0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -33,6 +45,8 @@ def decode_image(
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(f"image too large ({w}x{h} px > {max_pixels} px): refused")
+            if target is not None and img.format == "JPEG":
+                scale = _draft(img, target, bbox)
             img.load()
     except ImageError:
         raise
@@ -48,8 +62,51 @@ def decode_image(
         pass
     arr = _to_rgb_uint8(img)
     if bbox is not None:
-        arr = crop_bbox(arr, bbox)
+        arr = crop_bbox(arr, [v * scale for v in bbox] if scale != 1.0 else bbox)
     return arr
+
+
+def _draft(img, target: tuple[int, int], bbox: Sequence[float] | None) -> float:
+    """Ask libjpeg for the smallest DCT scale keeping the (cropped) image >= ``target``;
+    returns the scale applied (1.0: none)."""
+    w, h = img.size
+    th, tw = int(target[0]), int(target[1])
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation in (5, 6, 7, 8):  # rotated 90 degrees: the target's axes swap
+        th, tw = tw, th
+    if bbox is not None:
+        try:
+            bw, bh = float(bbox[2]), float(bbox[3])
+            if orientation in (5, 6, 7, 8):
+                bw, bh = bh, bw
+        except (TypeError, ValueError, IndexError):
+            return 1.0
+        if not (np.isfinite(bw) and np.isfinite(bh)) or bw <= 0 or bh <= 0:
+            return 1.0  # crop_bbox reports the bad box
+        need_w, need_h = w * tw / min(bw, w), h * th / min(bh, h)
+    else:
+        need_w, need_h = tw, th
+    if w < 2 * need_w or h < 2 * need_h:
+        return 1.0  # not even a halving: decode at full size
+    mode = "RGB" if img.mode in ("RGB", "YCbCr") else img.mode
+    img.draft(mode, (int(np.ceil(need_w)), int(np.ceil(need_h))))
+    return img.size[0] / w
+
+
+def read_image_bytes(path: str) -> bytes:
+    """The bytes of ``path`` (local or remote); a read failure is an ``ImageError``."""
+    from reid_ray import io as rio
+
+    try:
+        return rio.read_bytes(path)
+    except FileNotFoundError:
+        raise ImageError(f"missing file: {path}") from None
+    except IsADirectoryError:
+        raise ImageError(f"path is a directory: {path}") from None
+    except PermissionError:
+        raise ImageError(f"permission denied: {path}") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read {path}: {exc}") from None
 
 
 def _to_rgb_uint8(img) -> np.ndarray:
@@ -117,18 +174,9 @@ def resize_image(
     return out
 
 
-def load_image(path: str, bbox: Sequence[float] | None = None) -> np.ndarray:
-    """Read ``path`` (local or remote) and decode it; a missing file is an ``ImageError``."""
-    from reid_ray import io as rio
-
-    try:
-        data = rio.read_bytes(path)
-    except FileNotFoundError:
-        raise ImageError(f"missing file: {path}") from None
-    except IsADirectoryError:
-        raise ImageError(f"path is a directory: {path}") from None
-    except PermissionError:
-        raise ImageError(f"permission denied: {path}") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read {path}: {exc}") from None
-    return decode_image(data, bbox)
+def load_image(
+    path: str, bbox: Sequence[float] | None = None, *, target: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Read ``path`` (local or remote) and decode it; a missing file is an ``ImageError``.
+    ``target``: see :func:`decode_image`."""
+    return decode_image(read_image_bytes(path), bbox, target=target)

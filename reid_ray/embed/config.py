@@ -43,9 +43,8 @@ class EmbedConfig:
     leave free, divided by ``decode_cpus``); ``decode_mode`` actors (long-lived decoder
     actors, the default) or tasks (one Ray task per block); ``read_threads`` concurrent
     reads per decode batch (object stores answer slowly, one read at a time wastes the
-    decoder); ``rows_per_part`` rows per Parquet part (the unit of resume);
-    ``flush_seconds`` a part is also written after this long, so slow runs checkpoint;
-    ``device`` auto | cpu | cuda; ``precision`` auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16.
+    decoder); ``rows_per_part`` rows per Parquet part, written by a worker (the unit of
+    resume); ``device`` auto | cpu | cuda; ``precision`` auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16.
     """
 
     image_size: int | None = None
@@ -60,7 +59,6 @@ class EmbedConfig:
     decode_mode: str = "actors"
     read_threads: int = 8
     rows_per_part: int = 2048
-    flush_seconds: float = 60.0
     device: str = "auto"
     precision: str = "auto"
 
@@ -93,7 +91,6 @@ class EmbedConfig:
             isinstance(self.rows_per_part, int) and self.rows_per_part >= 1,
             f"rows_per_part must be an integer >= 1, got {self.rows_per_part!r}",
         )
-        check(self.flush_seconds > 0, f"flush_seconds must be > 0, got {self.flush_seconds!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

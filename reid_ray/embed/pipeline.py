@@ -1,23 +1,27 @@
 """Distributed embedding: manifest -> read/decode/crop/resize on CPU workers -> Embedder
-actor pool -> Parquet parts, streamed; resumable.
+actor pool -> Parquet parts written by workers, streamed; resumable.
 
-The Ray wiring is thin: ``reid_ray.data.pipeline.load_batch`` decodes on CPU workers
-(fractional-CPU decoder actors by default, Ray tasks on request: see ``build_dataset``),
-``Dataset.map_batches(Embedder, compute=ActorPoolStrategy(...))`` embeds, and the driver
-consumes the stream batch by batch into a ``PartWriter`` (small vectors only; images never
-reach the driver and memory does not grow with the number of images). On a rerun the ids
-already embedded with the same model are skipped; rows that failed before are retried.
+The Ray wiring is thin: ``reid_ray.data.pipeline.decode_stage`` decodes on CPU workers
+(fractional-CPU decoder actors by default, Ray tasks on request), ``Dataset.map_batches(
+Embedder, compute=ActorPoolStrategy(...))`` embeds, and ``write_batch`` tasks write every
+``rows_per_part`` rows as one atomic part. The driver only coordinates: it receives counts
+and a few error examples (images and vectors never reach it; its memory does not grow
+with the number of images). On a rerun the ids already embedded with the same model are
+skipped; rows that failed before are retried.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from reid_ray import io as rio
@@ -114,18 +118,6 @@ def _start_run(out: str) -> None:
             logger.info("removed %d temporary file(s) of an interrupted run in %s", n, folder)
 
 
-class Decoder:
-    """``load_batch`` as a callable class, so decoding runs on long-lived actors."""
-
-    def __init__(self, size, resize_mode: str = "resize", interpolation: str = "bilinear"):
-        self.kwargs = dict(size=tuple(size), resize_mode=resize_mode, interpolation=interpolation)
-
-    def __call__(self, batch):
-        from reid_ray.data.pipeline import load_batch
-
-        return load_batch(batch, **self.kwargs)
-
-
 def build_dataset(
     table: pa.Table,
     model_ref: str,
@@ -138,45 +130,30 @@ def build_dataset(
 ):
     """The lazy Ray Dataset: manifest rows -> decoded images -> Embedder outputs.
 
-    Decoding (``reid_ray.data.pipeline.load_batch``) runs on long-lived CPU workers: an
-    actor pool of ``plan.decode_tasks`` decoders (``plan.decode_mode == "actors"``, the
-    default) or Ray tasks (``"tasks"``). Why actors: each Ray task needs a worker lease,
-    and when a task waits on a slow consumer or the machine is busy Ray starts yet another
-    worker process for the next one; measured on 2 cores under load, a 2000-image run
-    started 13-18 worker processes at ~1.2 CPU-s of Python start-up each, about a fifth of
-    the pipeline's CPU. A decoder actor is started once.
+    Decoding runs on ``plan.decode_tasks`` long-lived CPU decoders
+    (``reid_ray.data.pipeline.decode_stage``: actors by default, Ray tasks with
+    ``decode_mode: tasks``), reads ``plan.read_threads`` at a time, JPEGs decoded at a
+    reduced scale when much larger than the model's input.
     """
     import ray.data
 
-    from reid_ray.data.pipeline import load_batch, manifest_dataset
+    from reid_ray.data.pipeline import decode_stage, manifest_dataset
     from reid_ray.embed.embedder import Embedder
 
     rows_per_block = max(plan.decode_batch_size, 16)
     ds = manifest_dataset(table, rows_per_block=rows_per_block)
-    n_decoders = max(1, min(plan.decode_tasks, math.ceil(table.num_rows / rows_per_block)))
-    decode_kwargs = dict(
+    ds = decode_stage(
+        ds,
         size=tuple(preprocess.input_size),
         resize_mode=preprocess.resize_mode,
         interpolation=preprocess.interpolation,
+        batch_size=plan.decode_batch_size,
+        num_cpus=plan.decode_cpus,
+        # never more decoders than blocks: an idle actor still holds its CPU share
+        workers=max(1, min(plan.decode_tasks, math.ceil(table.num_rows / rows_per_block))),
+        mode=plan.decode_mode,
+        read_threads=plan.read_threads,
     )
-    if plan.decode_mode == "actors":
-        ds = ds.map_batches(
-            Decoder,
-            fn_constructor_kwargs=decode_kwargs,
-            batch_size=plan.decode_batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_decoders),
-            num_cpus=plan.decode_cpus,
-        )
-    else:
-        ds = ds.map_batches(
-            load_batch,
-            fn_kwargs=decode_kwargs,
-            batch_size=plan.decode_batch_size,
-            batch_format="numpy",
-            compute=ray.data.TaskPoolStrategy(size=n_decoders),
-            num_cpus=plan.decode_cpus,
-        )
     return ds.map_batches(
         Embedder,
         fn_constructor_kwargs=dict(
@@ -195,6 +172,25 @@ def build_dataset(
         batch_format="numpy",
         zero_copy_batch=True,
     )
+
+
+def write_batch(batch: dict[str, np.ndarray], *, out: str, key: str, run: str) -> dict:
+    """Write one batch of Embedder output as a part of ``out/embeddings`` (and its error
+    rows as a part of ``out/errors``) on the worker; return only counts and a few error
+    examples, so the driver never holds vectors."""
+    writer = PartWriter(out, key, rows_per_part=1 << 30, run=f"{run}-{uuid.uuid4().hex[:8]}")
+    n_ok, n_bad = writer.add(batch)
+    writer.close()
+    examples = [
+        {"image_id": str(i), "reason": str(e)}
+        for i, e in zip(batch["image_id"], batch["error"], strict=True)
+        if e
+    ][:5]
+    return {
+        "embedded": np.array([n_ok]),
+        "errors": np.array([n_bad]),
+        "examples": np.array([json.dumps(examples)], dtype=object),
+    }
 
 
 def embed_manifest(
@@ -217,7 +213,7 @@ def embed_manifest(
     """
     from reid_ray.embed.embedder import embedding_key
     from reid_ray.models import load
-    from reid_ray.runtime import cluster_view, init_ray
+    from reid_ray.runtime import cluster_view, init_ray, require_shared_output
 
     cfg = cfg or EmbedConfig()
     if not isinstance(cfg, EmbedConfig):
@@ -249,14 +245,19 @@ def embed_manifest(
         todo.num_rows,
     )
 
-    writer = PartWriter(out, key, rows_per_part=cfg.rows_per_part, flush_seconds=cfg.flush_seconds)
+    # the driver writes only the manifest's own rejects; workers write everything else
+    writer = PartWriter(out, key)
     writer.add_errors(manifest.errors)
+    writer.close()
     plan: ResourcePlan | None = None
     t_pipe = time.perf_counter()
-    n_seen = 0
+    n_embedded = n_run_errors = 0
     error_examples: list[dict] = []
     if todo.num_rows:
+        import ray.data
+
         init_ray()
+        require_shared_output(out, "embed --out")
         plan = plan_resources(cfg, cluster_view())
         logger.debug("plan: %s", plan.to_dict())
         ds = build_dataset(
@@ -267,35 +268,30 @@ def embed_manifest(
             image_size=cfg.image_size,
             flip=cfg.flip,
             expected_key=key,
+        ).map_batches(
+            write_batch,
+            fn_kwargs=dict(out=out, key=key, run=parts.new_run_id()),
+            batch_size=cfg.rows_per_part,
+            batch_format="numpy",
+            # writing a part is I/O: no CPU reserved, so it never waits behind the pool
+            num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=max(2, plan.actors)),
         )
         if progress:
             progress(0, todo.num_rows)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                n_ok, n_bad = writer.add(batch)
-                if n_bad and len(error_examples) < 5:
-                    for i, e in enumerate(batch["error"]):
-                        if e and len(error_examples) < 5:
-                            error_examples.append(
-                                {"image_id": str(batch["image_id"][i]), "reason": str(e)}
-                            )
-                n_seen += n_ok + n_bad
-                if progress:
-                    progress(n_seen, todo.num_rows)
-        except BaseException:
-            # keep the finished rows (complete parts) so a rerun resumes after them
-            try:
-                writer.close()
-            except Exception:  # noqa: BLE001 - the original error matters more
-                logger.exception("could not write the buffered rows of the failed run")
-            raise
-    writer.close()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            n_embedded += int(batch["embedded"].sum())
+            n_run_errors += int(batch["errors"].sum())
+            for text in batch["examples"]:
+                error_examples.extend(json.loads(text)[: 5 - len(error_examples)])
+            if progress:
+                progress(n_embedded + n_run_errors, todo.num_rows)
+    n_seen = n_embedded + n_run_errors
     pipeline_seconds = time.perf_counter() - t_pipe
     if n_seen != todo.num_rows:
         raise OutputError(
             f"the pipeline returned {n_seen} rows for {todo.num_rows} inputs; output incomplete"
         )
-    n_run_errors = writer.n_errors - manifest.errors.num_rows
     summary = EmbedSummary(
         out=out,
         model_ref=model_ref,
@@ -306,10 +302,10 @@ def embed_manifest(
         n_manifest_rows=table.num_rows,
         n_requested=table.num_rows,
         n_already_embedded=n_already,
-        n_embedded=writer.n_embedded,
+        n_embedded=n_embedded,
         n_errors=n_run_errors,
         n_manifest_errors=manifest.errors.num_rows,
-        n_total_embedded=len(done) + writer.n_embedded,
+        n_total_embedded=len(done) + n_embedded,
         seconds=time.perf_counter() - t_start,
         pipeline_seconds=pipeline_seconds,
         images_per_second=(n_seen / pipeline_seconds) if n_seen and pipeline_seconds > 0 else 0.0,
@@ -324,7 +320,7 @@ def embed_manifest(
             "manifest_rows": table.num_rows,
             "manifest_errors": manifest.errors.num_rows,
             "already_embedded": n_already,
-            "embedded": writer.n_embedded,
+            "embedded": n_embedded,
             "errors": n_run_errors,
             "total_embedded": summary.n_total_embedded,
         },
@@ -354,7 +350,7 @@ def embed_manifest(
     )
     logger.info(
         "embedded %d, errors %d, %.1f images/s",
-        writer.n_embedded,
+        n_embedded,
         n_run_errors,
         summary.images_per_second,
     )
