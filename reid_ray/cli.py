@@ -34,7 +34,7 @@ STAGE_COMMANDS = [
     ("rerank", "reid_ray.rerank.commands", "rerank_command"),
     ("benchmark", "reid_ray.benchmark.commands", "benchmark_command"),
     ("al", "reid_ray.active.commands", "al_command"),
-    ("al", "reid_ray.active.commands", "al_command"),
+    ("identify", "reid_ray.gallery.commands", "identify_command"),
 ]
 
 
@@ -76,28 +76,33 @@ def synth_command(
     split_kind: str = typer.Option("disjoint", help="Split file kind: closed, open or disjoint."),
 ) -> None:
     """Generate the synthetic toy zoo: identity is carried only by each animal's coat pattern."""
-    from rich.console import Console
-
+    from reid_ray import console
     from reid_ray.synth import generate_zoo
 
     if split_kind not in ("closed", "open", "disjoint"):
         raise typer.BadParameter("use closed, open or disjoint", param_hint="--split-kind")
-    summary = generate_zoo(
-        out,
-        species=species,
-        individuals=individuals,
-        images_per=images_per,
-        size=size,
-        seed=seed,
-        split_kind=split_kind,
-        progress=True,
-    )
-    Console().print(
-        f"[bold]toy zoo[/bold] {summary.n_images} images of {summary.n_individuals} individuals "
-        f"({summary.n_species} species) in {summary.seconds:.1f} s "
-        f"({summary.n_images / max(summary.seconds, 1e-9):.0f} images/s)\n"
-        f"manifest: {summary.metadata_path}\nsplit:    {summary.split_path}"
-    )
+    with console.progress() as update:
+        summary = generate_zoo(
+            out,
+            species=species,
+            individuals=individuals,
+            images_per=images_per,
+            size=size,
+            seed=seed,
+            split_kind=split_kind,
+            progress=console.stage_progress(update, "toy zoo"),
+        )
+    console.summary(
+        "toy zoo",
+        [
+            ("images", f"{summary.n_images} of {summary.n_individuals} individuals "
+             f"({summary.n_species} species)"),
+            ("time", f"{summary.seconds:.1f} s "
+             f"({summary.n_images / max(summary.seconds, 1e-9):.0f} images/s)"),
+            ("manifest", summary.metadata_path),
+            ("split", summary.split_path),
+        ],
+    )  # fmt: skip
 
 
 @app.command("demo")
@@ -129,6 +134,8 @@ def _register_stage_commands() -> None:
 
 
 _register_stage_commands()
+# a command group cannot go through STAGE_COMMANDS: `gallery build|merge|history|rollback`
+app.add_typer(importlib.import_module("reid_ray.gallery.commands").gallery_app, name="gallery")
 
 
 def main() -> None:

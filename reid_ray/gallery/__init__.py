@@ -1,0 +1,36 @@
+"""The gallery and the nightly job (issue 12): a versioned gallery of known individuals,
+``identify`` (known or new, for every new image) and ``merge`` (accepted results as a new
+version, atomic and idempotent).
+
+``store.py`` owns the folder layout and versions; ``decide.py`` the pure decision,
+calibration and grouping; ``searcher.py`` the Ray actor pool that searches; ``build.py``,
+``identification.py`` (identify), ``merge.py`` the three operations; ``commands.py`` the CLI.
+Names are imported on first use, so ``reid-ray --help`` stays fast.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "NightlyConfig": "config",
+    "load_nightly_config": "config",
+    "build_gallery": "build",
+    "identify": "identification",
+    "RESULTS_SCHEMA": "identification",
+    "merge_results": "merge",
+    "read_reviewed": "merge",
+    "GalleryVersion": "store",
+    "history": "store",
+    "open_version": "store",
+    "read_table": "store",
+    "set_current": "store",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reid_ray.gallery' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"reid_ray.gallery.{module}"), name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,150 @@
+"""``gallery build``: labelled images -> the first version of a gallery.
+
+The images are embedded once (``GALLERY/build/embed``, resumable), then written as the
+gallery's first part with their identities, indexed, and calibrated (see ``store.py`` for
+the layout and ``decide.py`` for the calibration). Rows without an identity go to
+``GALLERY/build/errors`` with their reason, like unreadable images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reid_ray import io as rio
+from reid_ray import parts as rparts
+from reid_ray.errors import OutputError
+from reid_ray.gallery.config import NightlyConfig
+from reid_ray.gallery.store import gallery_table, is_gallery, open_version, write_version
+
+logger = logging.getLogger(__name__)
+
+
+def calibrator(cfg: NightlyConfig) -> Callable:
+    """The ``calibrate`` callable of :func:`~reid_ray.gallery.store.write_version`."""
+    from reid_ray.gallery.decide import fit_calibration
+
+    c = cfg.calibration
+
+    def calibrate(ids, identities, matrix, index) -> dict[str, Any]:
+        return fit_calibration(
+            ids, identities, matrix, index, k=c.k, max_queries=c.max_queries, seed=c.seed
+        )
+
+    return calibrate
+
+
+def build_gallery(
+    manifest_path: str,
+    model_ref: str,
+    gallery: str,
+    cfg: NightlyConfig | None = None,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Build version v0001 of a gallery at ``gallery``; returns the build report."""
+    from reid_ray.data import read_manifest
+    from reid_ray.data.manifest import Manifest, errors_table
+    from reid_ray.embed import embed_manifest, read_embeddings, read_errors
+    from reid_ray.runtime import init_ray, require_shared_output
+
+    cfg = cfg or NightlyConfig()
+    if is_gallery(gallery):
+        raise OutputError(
+            f"{gallery} already holds a gallery (current version {open_version(gallery).name}): "
+            "add images with `reid-ray gallery merge`, or build into another folder"
+        )
+    t0 = time.perf_counter()
+    manifest = read_manifest(manifest_path)
+    table = manifest.table
+    has_identity = pc.fill_null(pc.is_valid(table["identity"]), False)
+    labelled, unlabelled = table.filter(has_identity), table.filter(pc.invert(has_identity))
+    unlabelled_errors = errors_table(
+        [
+            {
+                "image_id": r["image_id"],
+                "path": r["path"],
+                "stage": "gallery build",
+                "reason": "no identity: gallery images need one",
+            }
+            for r in unlabelled.select(["image_id", "path"]).to_pylist()
+        ]
+    )
+    init_ray()
+    require_shared_output(gallery)
+    work = rio.join(gallery, "build", "embed")
+    summary = embed_manifest(
+        Manifest(labelled, manifest.errors, list(manifest.warnings), manifest.source),
+        model_ref,
+        work,
+        cfg.embed,
+        command="gallery build",
+        progress=(lambda d, n: progress("embed", d, n)) if progress else None,
+    )
+    t_embed = time.perf_counter() - t0
+    emb = read_embeddings(work, ids=labelled.column("image_id").to_pylist())
+    identity = dict(
+        zip(labelled["image_id"].to_pylist(), labelled["identity"].to_pylist(), strict=True)
+    )
+    paths = dict(zip(labelled["image_id"].to_pylist(), labelled["path"].to_pylist(), strict=True))
+    ids = emb.ids.tolist()
+    rows = gallery_table(
+        ids, [identity[i] for i in ids], emb.matrix, emb.key, [paths[i] for i in ids], "", "build"
+    )
+    model = {
+        "ref": model_ref,
+        "key": summary.key,
+        "fingerprint": summary.fingerprint,
+        "description": summary.description,
+        "embedding_dim": summary.embedding_dim,
+        "embed": {"image_size": cfg.embed.image_size, "flip": cfg.embed.flip},
+    }
+    t = time.perf_counter()
+    version = write_version(
+        gallery,
+        rows,
+        parent=None,
+        model=model,
+        calibrate=calibrator(cfg),
+        operation="build",
+        extra={"source": manifest.source},
+    )
+    t_version = time.perf_counter() - t
+    errors = pa.concat_tables([read_errors(work), unlabelled_errors])
+    errors_dir = rio.join(gallery, "build", "errors")
+    for old in rparts.list_parts(errors_dir):
+        rio.remove(old)
+    rparts.write_part(errors_dir, errors, name="part-errors.parquet")
+    report = {
+        "gallery": gallery,
+        "version": version.name,
+        "model": model,
+        "counts": {
+            "manifest_rows": table.num_rows,
+            "manifest_errors": manifest.errors.num_rows,
+            "unlabelled": unlabelled.num_rows,
+            "images": len(ids),
+            "identities": version.info["counts"]["identities"],
+            "errors": errors.num_rows,
+        },
+        "threshold": version.info["threshold"],
+        "timings": {
+            "embed": t_embed,
+            "index_and_calibrate": t_version,
+            "total": time.perf_counter() - t0,
+        },
+    }
+    rio.write_json_atomic(rio.join(gallery, "build", "report.json"), report)
+    logger.info(
+        "gallery %s %s: %d images of %d identities",
+        gallery,
+        version.name,
+        len(ids),
+        report["counts"]["identities"],
+    )
+    return report
