@@ -78,7 +78,9 @@ def test_clusterings_recover_well_separated_identities():
 def test_dbscan_leaves_isolated_points_as_noise():
     x, _ = blobs(n_ids=4, per=10, noise=0.1)
     far = -np.abs(np.random.default_rng(5).normal(size=(2, 16))).astype(np.float32)  # loners
-    labels = dbscan_jaccard(knn_graph(np.vstack([x, far]), 8), ClusterConfig(k1=8, k2=3))
+    labels = dbscan_jaccard(
+        knn_graph(np.vstack([x, far]), 8), ClusterConfig(k1=8, k2=3, min_samples=3)
+    )
     assert (labels[-2:] == NOISE).all() and (labels[:-2] != NOISE).all()
 
 
