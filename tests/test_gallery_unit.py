@@ -1,0 +1,148 @@
+"""Pure parts of the gallery: threshold fitting, decision, grouping, folding, reviewed CSVs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reid_ray.errors import ConfigError
+from reid_ray.gallery.decide import (
+    KNOWN,
+    NEW,
+    best_threshold,
+    decide,
+    evaluate_decisions,
+    fit_calibration,
+    group_new,
+    probability,
+)
+from reid_ray.gallery.searcher import fold_identities
+
+
+def test_best_threshold_by_hand():
+    # right-known scores 0.9, 0.8; unknown 0.3, 0.5: any cut in (0.5, 0.8] is perfect
+    t, baks, baus = best_threshold(np.array([0.9, 0.8]), 2, np.array([0.3, 0.5]))
+    assert 0.5 < t <= 0.8
+    assert baks == 1.0 and baus == 1.0
+    # a wrong known sample caps known accuracy at 2/3 whatever the threshold
+    t, baks, baus = best_threshold(np.array([0.9, 0.8]), 3, np.array([0.3, 0.5]))
+    assert baks == pytest.approx(2 / 3) and baus == 1.0
+
+
+def test_best_threshold_overlap_picks_the_balanced_cut():
+    right = np.array([0.6, 0.7, 0.8, 0.9])
+    unknown = np.array([0.1, 0.2, 0.65, 0.3])
+    t, baks, baus = best_threshold(right, 4, unknown)
+    accepted = (right >= t).mean()
+    rejected = (unknown < t).mean()
+    assert (accepted + rejected) / 2 == pytest.approx((baks + baus) / 2)
+    assert (baks + baus) / 2 == pytest.approx(0.875)
+
+
+def test_best_threshold_needs_both_kinds():
+    with pytest.raises(ConfigError, match="at least two images"):
+        best_threshold(np.array([]), 0, np.array([0.3]))
+
+
+def test_decide_and_probability():
+    d = decide(np.array([0.9, 0.5, np.nan]), 0.7)
+    assert d.tolist() == [KNOWN, NEW, NEW]
+    cal = {"logistic": {"a": 10.0, "b": -7.0}}
+    p = probability(np.array([0.9, 0.7, 0.5]), cal)
+    assert p[0] > 0.5 and p[1] == pytest.approx(0.5) and p[2] < 0.5
+
+
+def _blobs(n_ids: int, per: int, dim: int = 16, noise: float = 0.05, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_ids, dim))
+    x = np.repeat(centres, per, axis=0) + noise * rng.normal(size=(n_ids * per, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.asarray([f"img{i:03d}" for i in range(len(x))], dtype=object)
+    identities = np.asarray([f"id{i // per}" for i in range(len(x))], dtype=object)
+    return ids, identities, x.astype(np.float32)
+
+
+def test_fit_calibration_separates_well_separated_identities():
+    from reid_ray.index import build_index
+
+    ids, identities, x = _blobs(6, 4)
+    cal = fit_calibration(ids, identities, x, build_index(x, ids), k=10)
+    assert cal["simulated_known_accuracy"] == 1.0
+    assert cal["simulated_unknown_accuracy"] == 1.0
+    same = x[0] @ x[1]
+    other = max(x[0] @ x[j] for j in range(4, len(x)))
+    assert other < cal["threshold"] <= same
+    assert probability(np.array([same]), cal)[0] > 0.5 > probability(np.array([other]), cal)[0]
+
+
+def test_group_new_groups_mutual_neighbours_only():
+    ids, _, x = _blobs(3, 3, seed=1)
+    labels = group_new(ids, x, threshold=0.9, mutual_k=2, night="n1")
+    assert len(set(labels)) == 3
+    assert labels[0] == labels[1] == labels[2] == "new-n1-0001"
+    assert labels[3] == labels[4] == labels[5] != labels[0]
+    # deterministic, whatever the order of the rows
+    order = np.random.default_rng(0).permutation(len(ids))
+    shuffled = group_new(ids[order], x[order], 0.9, 2, "n1")
+    assert dict(zip(ids[order], shuffled, strict=True)) == dict(zip(ids, labels, strict=True))
+    # a threshold above every similarity: one individual per image
+    assert len(set(group_new(ids, x, 1.01, 2, "n1"))) == len(ids)
+    assert group_new([], np.zeros((0, 4), np.float32), 0.5, 2, "n1") == []
+
+
+def test_fold_identities_keeps_best_image_per_identity():
+    lookup = {"a1": "A", "a2": "A", "b1": "B", "c1": "C"}
+    scores = np.array([0.9, 0.8, 0.7, 0.6, -np.inf], dtype=np.float32)
+    images = np.array(["a1", "a2", "b1", "c1", None], dtype=object)
+    ids, s, imgs = fold_identities(scores, images, lookup, 2)
+    assert ids == ["A", "B"] and imgs == ["a1", "b1"]
+    assert s == pytest.approx([0.9, 0.7])
+
+
+def test_evaluate_decisions_counts():
+    ev = evaluate_decisions(
+        ["A", "B", "X", "X", "Y", None],
+        {"A", "B"},
+        [KNOWN, NEW, NEW, NEW, NEW, KNOWN],
+        ["A", "new-1", "new-2", "new-2", "new-3", "A"],
+        [None, "new-1", "new-2", "new-2", "new-3", None],
+    )
+    assert ev["n_labelled"] == 5
+    assert ev["decision_accuracy"] == pytest.approx(4 / 5)
+    assert ev["known_identified"] == 0.5 and ev["new_detected"] == 1.0
+    assert ev["new_grouping_pair_precision"] == 1.0 and ev["new_grouping_pair_recall"] == 1.0
+
+
+def test_read_reviewed_rows_and_reasons(tmp_path):
+    from reid_ray.gallery.merge import read_reviewed
+
+    csv = tmp_path / "review.csv"
+    csv.write_text(
+        "image_id,decision,identity,accept\n"
+        "a,known,A,yes\n"
+        "b,new,new-n1-0001,no\n"
+        "c,new,,yes\n"
+        "zz,known,A,yes\n"
+        "d,new,B,maybe\n"
+        "e,new,CORRECTED,YES\n"
+    )
+    accepted, errors = read_reviewed(str(csv), {"a", "b", "c", "d", "e"})
+    assert accepted == {"a": "A", "e": "CORRECTED"}
+    reasons = {e["image_id"]: e["reason"] for e in errors}
+    assert set(reasons) == {"c", "zz", "d"}
+    assert "identity" in reasons["c"] and "results" in reasons["zz"] and "yes or no" in reasons["d"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,who\n1,2\n")
+    with pytest.raises(ConfigError, match="lacks column"):
+        read_reviewed(str(bad), set())
+
+
+def test_nightly_config_rejects_unknown_keys():
+    from reid_ray.gallery import load_nightly_config
+
+    cfg = load_nightly_config({"search": {"k": 10}}, ["group.mutual_k=3"])
+    assert cfg.search.k == 10 and cfg.group.mutual_k == 3
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_nightly_config({"serach": {"k": 10}})
+    with pytest.raises(ConfigError, match="search.k"):
+        load_nightly_config({"search": {"k": 0}})
