@@ -172,3 +172,21 @@ def test_annotation_page_end_to_end_over_http(pairs_dir):
         assert json.loads(_get(again.url + "api/state")[2])["answers"] == report.answers
     finally:
         again.stop()
+
+
+def test_human_round_waits_for_answers_then_reads_its_own_pairs_file(pairs_dir):
+    from reid_ray.active.config import ALConfig
+    from reid_ray.active.runner import AnswersNeeded, _ask
+
+    tmp, _, _ = pairs_dir
+    ids = [f"im{i}" for i in range(5)]
+    paths = [str(tmp / "img" / f"im{i}.{'png' if i % 2 else 'jpg'}") for i in range(5)]
+    cfg = ALConfig(manifest="m.csv", out=str(tmp / "al"), oracle="human")
+    rdir = str(tmp / "al" / "r0")
+    with pytest.raises(AnswersNeeded, match="--annotate"):
+        _ask(cfg, rdir, 0, [(0, 1), (2, 3)], ids, paths, identities={})
+    with open(f"{rdir}/answers.csv", "w") as f:
+        f.write("pair_id,answer\nr0-00000,same\nr0-00001,bogus\n")
+    # a rerun samples again; the pairs asked are those of the file, bad rows count as unsure
+    got = _ask(cfg, rdir, 0, [(3, 4)], ids, paths, identities={})
+    assert got == [("im0", "im1", "same"), ("im2", "im3", "unsure")]

@@ -134,7 +134,9 @@ def _auroc(eval_out: str, split_of: dict[str, str]) -> float | None:
     return float(roc_auc_score(y, scores))
 
 
-def _ask(cfg: ALConfig, rdir: str, k: int, pairs, ids, paths, identities) -> list[str]:
+def _ask(cfg: ALConfig, rdir: str, k: int, pairs, ids, paths, identities) -> list[tuple]:
+    """Ask about ``pairs`` (rows of ``ids``); returns ``(image_id_a, image_id_b, answer)``.
+    A human round reads its own pairs file back, so a rerun uses the pairs that were asked."""
     from reid_ray.active.oracle import (
         SimulatedOracle,
         read_answers,
@@ -150,7 +152,7 @@ def _ask(cfg: ALConfig, rdir: str, k: int, pairs, ids, paths, identities) -> lis
         write_pairs_file(rdir, pairs, ids, paths, round_index=k, thumbnails=False)
         pids = [r["pair_id"] for r in read_pairs_file(rio.join(rdir, "pairs.csv"))]
         write_answers(answers_path, dict(zip(pids, answers, strict=True)))
-        return answers
+        return [(ids[a], ids[b], ans) for (a, b), ans in zip(pairs, answers, strict=True)]
     if not rio.exists(rio.join(rdir, "pairs.csv")):
         write_pairs_file(rdir, pairs, ids, paths, round_index=k)
     rows = read_pairs_file(rio.join(rdir, "pairs.csv"))
@@ -161,8 +163,12 @@ def _ask(cfg: ALConfig, rdir: str, k: int, pairs, ids, paths, identities) -> lis
         )
     report = read_answers(answers_path, rows)
     for line in report.lines():
-        logger.warning("answers of round %d: %s", k, line) if not report.ok else logger.info(line)
-    return [report.answers.get(r["pair_id"], "unsure") for r in rows]
+        logger.log(
+            logging.INFO if report.ok else logging.WARNING, "answers of round %d: %s", k, line
+        )
+    # unanswered, conflicting or bad rows count as unsure: listed in the report, never used
+    return [(r["image_id_a"], r["image_id_b"], report.answers.get(r["pair_id"], "unsure"))
+            for r in rows]  # fmt: skip
 
 
 def run_round(
@@ -211,8 +217,8 @@ def run_round(
     paths = dict(
         zip(train.table["image_id"].to_pylist(), train.table["path"].to_pylist(), strict=True)
     )
-    answers = _ask(cfg, rdir, k, pairs, ids, [paths[i] for i in ids], identities) if pairs else []
-    new = [(ids[a], ids[b], ans) for (a, b), ans in zip(pairs, answers, strict=True)]
+    new = _ask(cfg, rdir, k, pairs, ids, [paths[i] for i in ids], identities) if pairs else []
+    answers = [ans for _, _, ans in new]
     seconds["ask"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -244,8 +250,8 @@ def run_round(
         "model": model,
         "checkpoint": summary["checkpoint"],
         "sampler": cfg.sampler,
-        "pairs_asked": len(pairs),
-        "annotations": len(asked) + len(pairs),
+        "pairs_asked": len(new),
+        "annotations": len(asked) + len(new),
         "answers": {a: answers.count(a) for a in ("same", "different", "unsure")},
         "top1": metrics.get("top1"),
         "top5": metrics.get("top5"),
@@ -272,7 +278,7 @@ def run_round(
         "seconds": {p: round(seconds[p], 3) for p in PHASES},
         "must": must,
         "cannot": cannot,
-        "asked": asked + [[ids[a], ids[b]] for a, b in pairs],
+        "asked": asked + [[a, b] for a, b, _ in new],
     }
     rio.write_json_atomic(rio.join(rdir, ROUND_FILE), record)
     return record
