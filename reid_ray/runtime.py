@@ -89,19 +89,24 @@ def configure_data_context() -> None:
 
 @dataclass(frozen=True)
 class ClusterView:
-    """What the cluster holds now: CPUs, GPUs, alive nodes."""
+    """What the cluster holds now: CPUs, GPUs, alive nodes, and the CPUs of its largest
+    node (``node_cpus``; 0 = unknown, taken as ``cpus``): one actor never gets more."""
 
     cpus: float
     gpus: float
     nodes: int = 1
+    node_cpus: float = 0.0
 
 
 def cluster_view() -> ClusterView:
     import ray
 
     res = ray.cluster_resources()
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return ClusterView(float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0)), max(1, nodes))
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max((float(n.get("Resources", {}).get("CPU", 0.0)) for n in alive), default=0.0)
+    return ClusterView(
+        float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0)), max(1, len(alive)), node_cpus
+    )
 
 
 def cluster_cpus() -> float:
@@ -228,6 +233,16 @@ def plan_pool(
     if max_cpu_actors:
         n = min(n, int(max_cpu_actors)) if not actors else n
     cpa = float(cpus_per_actor or max(0.25, math.floor(budget / n * 4) / 4))
+    node = float(cluster.node_cpus or cpus)
+    if not cpus_per_actor and node < cpus:  # several nodes: an actor must fit on one
+        cpa = min(cpa, max(0.25, math.floor((node - data_reserve(node)) * 4) / 4))
+    elif cpus_per_actor and cpa > node + 1e-9:
+        logger.warning(
+            "%g CPUs per actor is more than the largest node has now (%g): the pool waits "
+            "for the autoscaler to add a node that large",
+            cpa,
+            node,
+        )
     if n * cpa > cpus + 1e-9:
         raise ConfigError(
             f"{n} actors x {cpa:g} CPUs exceed the cluster's {cpus:g} CPUs; "

@@ -47,7 +47,7 @@ def test_synth_writes_a_usable_manifest(tmp_path):
 
 
 def test_bad_arguments_fail_fast_with_one_clear_message(tmp_path):
-    result = run_cli("evaluate", "--manifest", str(tmp_path / "absent.csv"), "--model", "timm:resnet18",
+    result = run_cli("evaluate", "--manifest", str(tmp_path / "absent.csv"), "--model", "timm-random:resnet18",
                      "--out", str(tmp_path / "o"))  # fmt: skip
     assert result.returncode == 2
     assert "manifest not found" in result.stderr and "Traceback" not in result.stderr

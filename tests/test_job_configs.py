@@ -9,6 +9,7 @@ import pytest
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "jobs" / "configs"
 LOADERS = {
     "train_": "reid_ray.train:load_job_config",
+    "benchmark_": "reid_ray.benchmark.config:load_benchmark_config",
     "al_": "reid_ray.active.config:load_al_config",
     "nightly_": "reid_ray.gallery:load_nightly_config",
 }

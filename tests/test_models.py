@@ -1,6 +1,8 @@
-"""The one model loader: offline ImageNet weights that classify a real cat photo, seeded
-random init, hf-hub from a local cache the test writes (and a fast clear failure when the
-model is absent), reid-ray checkpoints (local and S3), preprocessing without centre crop."""
+"""The one model loader: offline ImageNet weights that classify a real cat photo, timm
+weights from the local caches or a named file, random init only by name (timm-random:),
+a fast clear failure when weights are absent, hf-hub from a local cache the test writes,
+reid-ray checkpoints (local and S3) with their held-out calibration images, preprocessing
+without centre crop."""
 
 from __future__ import annotations
 
@@ -9,8 +11,19 @@ import pytest
 import torch
 
 from reid_ray.errors import ModelError
-from reid_ray.models import NetConfig, Preprocess, ReidNet, load, save_checkpoint
-from reid_ray.models.loader import build_backbone, timm_preprocess
+from reid_ray.models import (
+    CALIBRATION_FILE,
+    NetConfig,
+    Preprocess,
+    ReidNet,
+    build_backbone,
+    load,
+    parse_ref,
+    reid_net,
+    save_checkpoint,
+    write_heldout_ids,
+)
+from reid_ray.models.loader import timm_preprocess
 
 # ImageNet-1k classes 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat
 DOMESTIC_CATS = {281, 282, 283, 284, 285}
@@ -27,7 +40,7 @@ def test_efficientnet_lite0_offline_weights_recognise_a_tabby_cat():
     classifier: skimage's 'chelsea' (a tabby cat) comes out as a domestic cat."""
     from skimage.data import chelsea
 
-    model, description = build_backbone("efficientnet_lite0")
+    model, description = build_backbone(parse_ref("timm:efficientnet_lite0"))
     assert "ImageNet" in description
     preprocess = timm_preprocess(model)
     assert preprocess.resize_mode == "resize"  # the whole photo, no centre crop
@@ -44,7 +57,7 @@ def test_timm_ref_with_offline_weights_embeds_with_them():
     loaded = load("timm:efficientnet_lite0", image_size=96)
     assert "ImageNet" in loaded.description and loaded.embedding_dim == 1280
     assert loaded.preprocess.input_size == (96, 96)
-    classifier, _ = build_backbone("efficientnet_lite0")
+    classifier, _ = build_backbone(parse_ref("timm:efficientnet_lite0"))
     x = _batch(size=96)
     with torch.inference_mode():
         want = classifier.eval().forward_head(classifier.forward_features(x), pre_logits=True)
@@ -53,14 +66,113 @@ def test_timm_ref_with_offline_weights_embeds_with_them():
 
 
 def test_timm_random_init_is_deterministic():
-    a, b = load("timm:resnet18"), load("timm:resnet18")
+    a, b = load("timm-random:resnet18"), load("timm-random:resnet18")
     assert a.fingerprint == b.fingerprint and "random init" in a.description
     assert a.embedding_dim == 512 and a.preprocess.input_size == (224, 224)
     x = _batch()
     with torch.inference_mode():
         torch.testing.assert_close(a.model(x), b.model(x))
     # a different input size is a different embedding: a different fingerprint
-    assert load("timm:resnet18", image_size=64).fingerprint != a.fingerprint
+    assert load("timm-random:resnet18", image_size=64).fingerprint != a.fingerprint
+
+
+@pytest.fixture()
+def empty_caches(tmp_path, monkeypatch):
+    """No timm weights anywhere: an empty Hugging Face cache and torch hub dir."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "empty-hf"
+    cache.mkdir()
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch-hub"))
+    return cache
+
+
+def test_timm_without_local_weights_fails_fast_and_never_goes_random(empty_caches):
+    """timm:NAME never silently starts from random weights: it says how to get them."""
+    with pytest.raises(ModelError, match="no pretrained weights on this machine") as info:
+        load("timm:resnet18")
+    message = str(info.value)
+    assert "huggingface-cli download timm/resnet18" in message
+    assert "timm-random:resnet18" in message and "timm:resnet18@" in message
+    loaded = load("timm-random:resnet18")  # random init: only when asked for by name
+    assert "random init" in loaded.description and loaded.heldout_ids is None
+
+
+def _seeded_resnet(seed=7, num_classes=1000):
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("resnet18", pretrained=False, num_classes=num_classes).eval()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_ref_names_a_weights_file(suffix, tmp_path):
+    source = _seeded_resnet()  # with its classifier: dropped for the embedding model
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save({"state_dict": source.state_dict()}, path)
+    loaded = load(f"timm:resnet18@{path}")
+    assert str(path) in loaded.description and loaded.embedding_dim == 512
+    x = _batch()
+    with torch.inference_mode():
+        want = source.forward_head(source.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(loaded.model(x), want)
+    assert loaded.fingerprint != load("timm-random:resnet18").fingerprint
+
+
+def test_weights_file_errors_are_model_errors(tmp_path):
+    with pytest.raises(ModelError, match="weights file not found"):
+        load(f"timm:resnet18@{tmp_path / 'absent.pth'}")
+    with pytest.raises(ModelError, match="ends with one of"):
+        load(f"timm:resnet18@{tmp_path / 'weights.txt'}")
+    wrong = tmp_path / "efficientnet.pth"
+    import timm
+
+    torch.save(timm.create_model("efficientnet_lite0", pretrained=False).state_dict(), wrong)
+    with pytest.raises(ModelError, match="does not fit timm resnet18"):
+        load(f"timm:resnet18@{wrong}")
+
+
+def test_timm_ref_uses_weights_in_the_hugging_face_cache(hub_cache):
+    """timm's own weights repo (timm/resnet18.a1_in1k) found in the local cache is used."""
+    source = _seeded_resnet(seed=11)
+    _write_hub_cache(hub_cache, "timm/resnet18.a1_in1k", source)
+    loaded = load("timm:resnet18")
+    assert "pretrained weights" in loaded.description
+    x = _batch()
+    with torch.inference_mode():
+        want = source.forward_head(source.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(loaded.model(x), want)
+
+
+def test_reid_net_keeps_the_loaded_backbone_weights():
+    loaded = load("timm:efficientnet_lite0")
+    net = reid_net(loaded, embedding_dim=32).eval()
+    x = _batch()
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            net.backbone.forward_features(x), loaded.model.model.forward_features(x)
+        )
+    assert net.embedding_dim == 32 and net.cfg.backbone == "efficientnet_lite0"
+
+
+def test_checkpoint_exposes_its_heldout_calibration_images(tmp_path):
+    net = ReidNet(NetConfig(backbone="resnet18", embedding_dim=16))
+    folder = tmp_path / "run"
+    save_checkpoint(str(folder / "model.pt"), net, Preprocess((32, 32)))
+    assert load(str(folder)).heldout_ids is None  # no record: unknown, not "none"
+    write_heldout_ids(str(folder), ["b2", "a1", "a2"])
+    assert (folder / CALIBRATION_FILE).read_text() == "a1\na2\nb2\n"
+    for ref in (str(folder), str(folder / "model.pt")):
+        assert load(ref).heldout_ids == frozenset({"a1", "a2", "b2"})
+    write_heldout_ids(str(folder), [])
+    assert load(str(folder)).heldout_ids == frozenset()
 
 
 def _write_hub_cache(
@@ -104,7 +216,7 @@ def test_hf_hub_model_loads_from_a_warm_cache_offline(hub_cache):
     x = _batch(size=80)
     with torch.inference_mode():
         torch.testing.assert_close(loaded.model(x), source.eval()(x))
-    assert loaded.fingerprint != load("timm:resnet18", image_size=80).fingerprint
+    assert loaded.fingerprint != load("timm-random:resnet18", image_size=80).fingerprint
 
 
 def test_hf_hub_model_absent_offline_fails_fast(hub_cache):
@@ -144,7 +256,7 @@ def test_not_a_checkpoint_is_a_model_error(tmp_path):
 
 
 def test_unprefixed_name_suggests_the_timm_spelling():
-    with pytest.raises(ModelError, match="did you mean 'timm:resnet18'"):
+    with pytest.raises(ModelError, match="did you mean 'timm:resnet18'.*'timm-random:resnet18'"):
         load("resnet18")
 
 

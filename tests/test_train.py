@@ -1,5 +1,6 @@
 """Training: pure parts (sampler, schedule, augmentation, validation metric, row selection,
-model start) without Ray, then real Ray Train runs on a tiny toy zoo (marked slow)."""
+held-out calibration identities, model start, worker planning) without Ray, then real Ray
+Train runs on a tiny toy zoo (marked slow)."""
 
 from __future__ import annotations
 
@@ -75,10 +76,12 @@ def test_augment_normalises_and_keeps_flanks_by_default():
     # with every random op off, it is exactly the normalised image
     plain = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, blur_p=0.0)
     x = torch.randint(0, 256, (2, 24, 24, 3), dtype=torch.uint8)
-    want = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
-        std
-    ).view(1, 3, 1, 1)
-    torch.testing.assert_close(TrainAugment(plain, (24, 24), mean, std)(x), want, atol=1e-4, rtol=1e-4)
+    want = (
+        x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)
+    ) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(
+        TrainAugment(plain, (24, 24), mean, std)(x), want, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_leave_one_out_metrics_by_hand():
@@ -126,31 +129,109 @@ def test_training_rows_follow_the_split_or_take_every_labelled_row():
     assert classes == ["x", "y", "z"] and n.tolist() == [1, 2, 1]
 
 
-def test_model_start_from_timm_and_refusals(tmp_path):
-    from reid_ray.models import NetConfig, Preprocess, ReidNet, save_checkpoint
-    from reid_ray.train.trainer import resolve_model
+def test_held_out_calibration_identities_are_seeded_whole_and_never_train():
+    import pyarrow as pa
 
-    start = resolve_model(TrainConfig(model="timm:efficientnet_lite0", image_size=64))
-    assert start.kind == "timm" and start.net.embedding_dim == 512 and start.net.pooling == "gem"
+    from reid_ray.train.rows import calibration_identities, split_calibration
+
+    ids = [f"id{i:02d}" for i in range(30)]
+    held = calibration_identities(ids, 0.1, 20, seed=0)
+    assert len(held) == 3 and set(held) <= set(ids)
+    assert calibration_identities(list(reversed(ids)), 0.1, 20, seed=0) == held  # seeded
+    assert calibration_identities(ids, 0.1, 20, seed=1) != held
+    assert calibration_identities(ids[:19], 0.1, 20, seed=0) == []  # too few: none
+    assert calibration_identities(ids, 0.0, 20, seed=0) == []
+    assert len(calibration_identities(ids[:3], 0.9, 2, seed=0)) == 1  # two always train
+
+    rows = pa.table({"image_id": [f"r{i}" for i in range(90)], "identity": ids * 3})
+    train, calib = split_calibration(rows, held)
+    assert train.num_rows + calib.num_rows == 90 and calib.num_rows == 9  # whole identities
+    assert not set(train["identity"].to_pylist()) & set(held)
+    assert set(calib["identity"].to_pylist()) == set(held)
+
+
+def test_worker_cpus_come_from_one_node_and_explicit_gpus_are_kept():
+    from reid_ray.runtime import ClusterView
+    from reid_ray.train.trainer import plan_workers
+
+    # two 8-CPU nodes: one worker asks what one node has, not the cluster's 16
+    plan = plan_workers(ClusterView(cpus=16, gpus=0, nodes=2, node_cpus=8), TrainConfig(workers=1))
+    assert plan.device == "cpu" and plan.cpus_per_actor <= 8 - 0.5
+    plan = plan_workers(ClusterView(cpus=16, gpus=0, nodes=2, node_cpus=8), TrainConfig(workers=4))
+    assert plan.actors == 4 and plan.cpus_per_actor <= 7.5 and 4 * plan.cpus_per_actor <= 16
+    # one 2-core machine: half a core stays for Ray Data
+    plan = plan_workers(ClusterView(cpus=2, gpus=0, nodes=1, node_cpus=2), TrainConfig(workers=2))
+    assert plan.cpus_per_actor == 0.75 and plan.free_cpus == 0.5
+    # GPUs asked for before the autoscaler has added a GPU node: kept, not CPU
+    cfg = TrainConfig(workers=2, gpus_per_worker=1)
+    plan = plan_workers(ClusterView(cpus=4, gpus=0, nodes=1, node_cpus=4), cfg)
+    assert plan.device == "cuda" and plan.gpus_per_actor == 1 and plan.waits_for_gpus
+    explicit = TrainConfig(workers=2, cpus_per_worker=1.5)
+    assert (
+        plan_workers(ClusterView(cpus=4, gpus=0, nodes=1, node_cpus=4), explicit).cpus_per_actor
+        == 1.5
+    )
+
+
+def test_model_start_goes_through_the_one_loader(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    from reid_ray.models import NetConfig, Preprocess, ReidNet, save_checkpoint
+    from reid_ray.train.trainer import model_start
+
+    start = model_start(TrainConfig(model="timm:efficientnet_lite0", image_size=64))
+    assert start.net.cfg.embedding_dim == 512 and start.net.cfg.pooling == "gem"
     assert start.preprocess.input_size == (64, 64) and "ImageNet" in start.description
-    assert "random init" in resolve_model(TrainConfig(model="timm:resnet18")).description
+    assert start.preprocess.resize_mode == "resize"  # the whole crop: re-ID policy
+    start = model_start(TrainConfig(model="timm-random:resnet18", resize_mode="letterbox"))
+    assert "random init" in start.description and start.preprocess.resize_mode == "letterbox"
     with pytest.raises(ModelError, match="unknown timm architecture"):
-        resolve_model(TrainConfig(model="timm:no_such_net"))
-    with pytest.raises(ModelError, match="cannot train from"):
-        resolve_model(TrainConfig(model="hf-hub:org/model"))
+        model_start(TrainConfig(model="timm:no_such_net"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        model_start(TrainConfig(model="hf-hub:org/model"))
 
     net = ReidNet(NetConfig("resnet18", embedding_dim=32))
     path = str(tmp_path / "m.pt")
     save_checkpoint(path, net, Preprocess((48, 48)), {"epoch": 3})
-    start = resolve_model(TrainConfig(model=path))
-    assert start.kind == "checkpoint" and start.net.embedding_dim == 32
-    assert start.preprocess.input_size == (48, 48) and start.state_dict is not None
-    with pytest.raises(ConfigError, match="keeps its network"):
-        resolve_model(TrainConfig(model=path, embedding_dim=64))
+    start = model_start(TrainConfig(model=path))
+    assert start.net.cfg.embedding_dim == 32 and start.preprocess.input_size == (48, 48)
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(start.net.state_dict()[key], value)
+    with pytest.raises(ModelError, match="keeps its network"):
+        model_start(TrainConfig(model=path, embedding_dim=64))
+
+
+def test_training_starts_from_a_timm_model_in_the_hugging_face_cache(tmp_path, monkeypatch):
+    """hf-hub: references train too when the weights are local."""
+    import huggingface_hub.constants as hf_constants
+    import timm
+    from timm.models import save_for_hf
+
+    from reid_ray.train.trainer import model_start
+
+    cache = tmp_path / "hf"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / "models--testorg--tiny"
+    torch.manual_seed(5)
+    source = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    save_for_hf(source, str(root / "snapshots" / revision), safe_serialization=True)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = model_start(TrainConfig(model="hf-hub:testorg/tiny", embedding_dim=16))
+    assert "hf-hub" in start.description and start.net.cfg.backbone == "resnet18"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            start.net.eval().backbone.forward_features(x), source.forward_features(x)
+        )
 
 
 def test_changed_config_in_the_same_out_is_refused(tmp_path):
-    from reid_ray.train.trainer import _prepare_out
+    from reid_ray.train.outdir import prepare_out as _prepare_out
 
     record = {"train": {"lr": 0.001, "model": "timm:resnet18"}, "n_classes": 5}
     _prepare_out(str(tmp_path), record, resume=True)
@@ -164,7 +245,7 @@ def test_changed_config_in_the_same_out_is_refused(tmp_path):
 
 # -- Ray Train runs on a tiny toy zoo ------------------------------------------------------
 
-TINY = dict(model="timm:resnet18", image_size=32, embedding_dim=32, batch_size=8, epochs=2)
+TINY = dict(model="timm-random:resnet18", image_size=32, embedding_dim=32, batch_size=8, epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -186,23 +267,43 @@ def tiny_zoo(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_workers_train_and_the_checkpoint_is_a_model(ray_cluster, tiny_zoo, tmp_path):
+    import pandas as pd
+
     from reid_ray.models import load
     from reid_ray.train.trainer import train
 
     out = str(tmp_path / "run")
     seen = []
+    # 10 training identities: hold 2 out for calibration (the default needs 20)
+    cfg = TrainConfig(**TINY, workers=2, calibration_fraction=0.2, calibration_min_identities=5)
     summary = train(
-        tiny_zoo["manifest"], out, split_path=tiny_zoo["split"],
-        config=TrainConfig(**TINY, workers=2), progress=seen.append,
-    )  # fmt: skip
+        tiny_zoo["manifest"], out, split_path=tiny_zoo["split"], config=cfg, progress=seen.append
+    )
     assert [r["epoch"] for r in seen] == [1, 2]
     assert summary["epochs_completed"] == 2 and len(summary["val_mAP"]) == 2
     assert all(math.isfinite(v) for v in summary["train_loss"])
-    assert summary["counts"]["errors"] == 1  # the corrupt image: counted, not lost
-    errors = pq.read_table(os.path.join(out, "errors.parquet")).to_pylist()
-    assert errors[0]["image_id"] == tiny_zoo["corrupt"] and errors[0]["stage"] == "train"
-    for name in ("model.pt", "metrics.json", "manifest.json"):
+    for name in ("model.pt", "metrics.json", "manifest.json", "calibration_ids.txt"):
         assert os.path.exists(os.path.join(out, name))
+
+    # held-out identities: recorded, exposed by load, whole, never trained on
+    meta = pd.read_csv(tiny_zoo["manifest"], dtype=str).merge(
+        pd.read_csv(tiny_zoo["split"], dtype=str), on="image_id"
+    )
+    train_meta = meta[meta["split"] == "train"]
+    heldout = load(out).heldout_ids
+    held_ids = set(train_meta[train_meta["image_id"].isin(heldout)]["identity"])
+    assert len(held_ids) == 2 and summary["counts"]["calibration_identities"] == 2
+    assert heldout == set(train_meta[train_meta["identity"].isin(held_ids)]["image_id"])
+    c = summary["counts"]
+    corrupt_held = tiny_zoo["corrupt"] in heldout
+    assert c["train_identities"] == 8 and c["calibration_images"] == len(heldout)
+    assert c["train_images"] + c["calibration_images"] + (0 if corrupt_held else 1) == len(
+        train_meta
+    )
+    if not corrupt_held:
+        assert summary["counts"]["errors"] == 1  # the corrupt image: counted, not lost
+        errors = pq.read_table(os.path.join(out, "errors.parquet")).to_pylist()
+        assert errors[0]["image_id"] == tiny_zoo["corrupt"] and errors[0]["stage"] == "train"
 
     # the checkpoint (file, or the folder holding it) is a --model: it carries its preprocessing
     loaded = load(out)
@@ -212,7 +313,7 @@ def test_two_workers_train_and_the_checkpoint_is_a_model(ray_cluster, tiny_zoo, 
         assert loaded.model(x).shape == (2, 32)
 
     # a rerun of a finished run does nothing
-    again = train(tiny_zoo["manifest"], out, split_path=tiny_zoo["split"], config=TrainConfig(**TINY, workers=2))
+    again = train(tiny_zoo["manifest"], out, split_path=tiny_zoo["split"], config=cfg)
     assert again["skipped"] is True and again["epochs_completed"] == 2
 
 
@@ -222,9 +323,14 @@ def test_one_and_two_workers_both_train(ray_cluster, tiny_zoo, tmp_path):
 
     results = {}
     for workers in (1, 2):
-        cfg = TrainConfig(**{**TINY, "epochs": 3, "model": "timm:efficientnet_lite0"}, workers=workers)
+        cfg = TrainConfig(
+            **{**TINY, "epochs": 3, "model": "timm:efficientnet_lite0"}, workers=workers
+        )
         results[workers] = train(
-            tiny_zoo["manifest"], str(tmp_path / f"w{workers}"), split_path=tiny_zoo["split"], config=cfg
+            tiny_zoo["manifest"],
+            str(tmp_path / f"w{workers}"),
+            split_path=tiny_zoo["split"],
+            config=cfg,
         )
     for workers, s in results.items():
         assert s["epochs_completed"] == 3, workers
@@ -244,7 +350,8 @@ def test_checkpoints_on_s3_and_pk_batches(ray_cluster, tiny_zoo, s3_bucket):
     from reid_ray.train.trainer import train
 
     out = f"{s3_bucket}/train"
-    cfg = TrainConfig(**{**TINY, "epochs": 1}, workers=1, sampler="pk", pk_k=2)
+    # decoded_cache_mb=0: the decoded images are streamed each epoch, never materialised
+    cfg = TrainConfig(**{**TINY, "epochs": 1}, workers=1, sampler="pk", pk_k=2, decoded_cache_mb=0)
     summary = train(tiny_zoo["manifest"], out, split_path=tiny_zoo["split"], config=cfg)
     assert summary["epochs_completed"] == 1 and summary["checkpoint"] == f"{out}/model.pt"
     assert summary["history"][0]["steps"] == summary["counts"]["train_images"] // 8
@@ -252,7 +359,9 @@ def test_checkpoints_on_s3_and_pk_batches(ray_cluster, tiny_zoo, s3_bucket):
     assert rio.read_json(f"{out}/manifest.json")["best_epoch"] == 1
     loaded = load(f"{out}/model.pt")
     with torch.no_grad():
-        assert loaded.model(loaded.preprocess.normalize(np.zeros((1, 32, 32, 3), np.uint8))).shape == (1, 32)
+        assert loaded.model(
+            loaded.preprocess.normalize(np.zeros((1, 32, 32, 3), np.uint8))
+        ).shape == (1, 32)
 
 
 def _snapshot_epochs(out: str) -> int:

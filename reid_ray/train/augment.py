@@ -30,7 +30,9 @@ class TrainAugment(nn.Module):
         import kornia.augmentation as K
 
         ops: list[nn.Module] = [
-            K.RandomResizedCrop(tuple(input_size), scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio)),
+            K.RandomResizedCrop(
+                tuple(input_size), scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio)
+            ),
         ]
         if cfg.jitter_p > 0:
             ops.append(
@@ -40,7 +42,9 @@ class TrainAugment(nn.Module):
             kernel = 2 * math.ceil(2 * cfg.blur_sigma[1]) + 1
             ops.append(K.RandomGaussianBlur((kernel, kernel), tuple(cfg.blur_sigma), p=cfg.blur_p))
         if cfg.erase_p > 0:
-            ops.append(K.RandomErasing(scale=(0.02, 0.25), ratio=(0.3, 3.3), value=0.0, p=cfg.erase_p))
+            ops.append(
+                K.RandomErasing(scale=(0.02, 0.25), ratio=(0.3, 3.3), value=0.0, p=cfg.erase_p)
+            )
         if cfg.hflip:
             ops.append(K.RandomHorizontalFlip(p=0.5))
         self.ops = nn.Sequential(*ops)

@@ -1,4 +1,4 @@
-"""Training configuration: frozen dataclasses and one YAML loader that rejects unknown keys.
+"""Training configuration: frozen dataclasses read by :func:`reid_ray.config.load_config`.
 
 A job file (``jobs/configs/train_arcface.yaml``) holds the run's inputs and outputs
 (``manifest``, ``split``, ``out``, ``resume``) and a ``train:`` section whose keys are the
@@ -10,14 +10,10 @@ Margins are in radians (0.5 rad is ArcFace's usual 28.6 degrees).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any
 
-from reid_ray.errors import ConfigError
+from reid_ray.config import check, load_config, to_dict
 
 SAMPLERS = ("random", "pk")
 POOLINGS = ("gem", "avg")
@@ -40,14 +36,14 @@ class LossConfig:
     sub_centers: int = 3
 
     def validate(self) -> None:
-        _check(self.scale > 0, f"loss.scale must be > 0, got {self.scale}")
-        _check(
+        check(self.scale > 0, f"loss.scale must be > 0, got {self.scale}")
+        check(
             0.0 <= self.margin_min <= self.margin < math.pi / 2,
             "loss margins must satisfy 0 <= margin_min <= margin < pi/2 (radians), got "
             f"margin_min={self.margin_min}, margin={self.margin}",
         )
-        _check(self.margin_lambda >= 0, f"loss.margin_lambda must be >= 0, got {self.margin_lambda}")
-        _check(self.sub_centers >= 1, f"loss.sub_centers must be >= 1, got {self.sub_centers}")
+        check(self.margin_lambda >= 0, f"loss.margin_lambda must be >= 0, got {self.margin_lambda}")
+        check(self.sub_centers >= 1, f"loss.sub_centers must be >= 1, got {self.sub_centers}")
 
 
 @dataclass(frozen=True)
@@ -72,17 +68,22 @@ class AugmentConfig:
     hflip: bool = False
 
     def validate(self) -> None:
-        _check(self.decode_scale >= 1.0, f"augment.decode_scale must be >= 1, got {self.decode_scale}")
+        check(
+            self.decode_scale >= 1.0, f"augment.decode_scale must be >= 1, got {self.decode_scale}"
+        )
         lo, hi = self.crop_scale
-        _check(0 < lo <= hi <= 1, f"augment.crop_scale must be 0 < lo <= hi <= 1, got {self.crop_scale}")
+        check(
+            0 < lo <= hi <= 1,
+            f"augment.crop_scale must be 0 < lo <= hi <= 1, got {self.crop_scale}",
+        )
         lo, hi = self.crop_ratio
-        _check(0 < lo <= hi, f"augment.crop_ratio must be 0 < lo <= hi, got {self.crop_ratio}")
+        check(0 < lo <= hi, f"augment.crop_ratio must be 0 < lo <= hi, got {self.crop_ratio}")
         for name in ("jitter_p", "blur_p", "erase_p"):
             v = getattr(self, name)
-            _check(0 <= v <= 1, f"augment.{name} must be in [0, 1], got {v}")
-        _check(0 <= self.hue <= 0.5, f"augment.hue must be in [0, 0.5], got {self.hue}")
+            check(0 <= v <= 1, f"augment.{name} must be in [0, 1], got {v}")
+        check(0 <= self.hue <= 0.5, f"augment.hue must be in [0, 0.5], got {self.hue}")
         lo, hi = self.blur_sigma
-        _check(0 < lo <= hi, f"augment.blur_sigma must be 0 < lo <= hi, got {self.blur_sigma}")
+        check(0 < lo <= hi, f"augment.blur_sigma must be 0 < lo <= hi, got {self.blur_sigma}")
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class TrainConfig:
     resize_mode: str | None = None
     epochs: int = 10
     workers: int = 2
-    cpus_per_worker: float | None = None  # None: share the cluster's CPUs among workers
+    cpus_per_worker: float | None = None  # None: one node's CPUs shared out (runtime.plan_pool)
     gpus_per_worker: float = 0.0
     batch_size: int = 16  # per worker
     sampler: str = "random"  # or "pk": P identities x K images per batch
@@ -116,61 +117,91 @@ class TrainConfig:
     keep_checkpoints: int = 2  # best by validation mAP; the latest is always kept too
     max_failures: int = 2  # worker crashes survived (restart from the last checkpoint)
     seed: int = 0
+    # whole identities kept out of training for open-set calibration (issue 14):
+    # this fraction of the labelled identities when there are at least
+    # calibration_min_identities of them, else none; drawn with ``seed``
+    calibration_fraction: float = 0.1
+    calibration_min_identities: int = 20
+    decoded_cache_mb: int = 1024  # decoded sets up to this size stay in the object store
+    val_top_k: int = 100  # validation ranks each image's FAISS top-K (mAP@K)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> TrainConfig:
-        _check(bool(self.model.strip()), "model must be a reference (timm:NAME or a checkpoint)")
-        _check(self.image_size is None or 16 <= self.image_size <= 2048,
-               f"image_size must be in [16, 2048], got {self.image_size}")
-        _check(self.embedding_dim is None or self.embedding_dim >= 1,
-               f"embedding_dim must be >= 1, got {self.embedding_dim}")
-        _check(self.pooling is None or self.pooling in POOLINGS,
-               f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        _check(self.resize_mode is None or self.resize_mode in RESIZE_MODES,
-               f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
-        _check(self.cpus_per_worker is None or self.cpus_per_worker > 0,
-               f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        _check(self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
-        _check(self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
-        _check(self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        check(
+            bool(self.model.strip()),
+            "model must be a reference (timm:NAME, "
+            "timm-random:NAME, hf-hub:ORG/NAME or a checkpoint)",
+        )
+        check(
+            self.image_size is None or 16 <= self.image_size <= 2048,
+            f"image_size must be in [16, 2048], got {self.image_size}",
+        )
+        check(
+            self.embedding_dim is None or self.embedding_dim >= 1,
+            f"embedding_dim must be >= 1, got {self.embedding_dim}",
+        )
+        check(
+            self.pooling is None or self.pooling in POOLINGS,
+            f"pooling must be one of {POOLINGS}, got {self.pooling!r}",
+        )
+        check(
+            self.resize_mode is None or self.resize_mode in RESIZE_MODES,
+            f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}",
+        )
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        check(
+            self.cpus_per_worker is None or self.cpus_per_worker > 0,
+            f"cpus_per_worker must be > 0, got {self.cpus_per_worker}",
+        )
+        check(
+            self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}"
+        )
+        check(self.batch_size >= 2, f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
+        check(self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.sampler == "pk":
-            _check(self.pk_k >= 1 and self.batch_size % self.pk_k == 0 and self.batch_size // self.pk_k >= 2,
-                   f"sampler pk needs batch_size = P x pk_k with P >= 2; got batch_size="
-                   f"{self.batch_size}, pk_k={self.pk_k}")
+            check(
+                self.pk_k >= 1
+                and self.batch_size % self.pk_k == 0
+                and self.batch_size // self.pk_k >= 2,
+                f"sampler pk needs batch_size = P x pk_k with P >= 2; got batch_size="
+                f"{self.batch_size}, pk_k={self.pk_k}",
+            )
         for name in ("lr", "backbone_lr_mult", "head_lr_mult"):
-            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
-        _check(self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        _check(self.val_batch_size >= 1, f"val_batch_size must be >= 1, got {self.val_batch_size}")
-        _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+            check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        check(
+            0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"
+        )
+        check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        check(self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        check(self.val_batch_size >= 1, f"val_batch_size must be >= 1, got {self.val_batch_size}")
+        check(
+            self.keep_checkpoints >= 1,
+            f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}",
+        )
+        check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+        check(
+            0 <= self.calibration_fraction < 1,
+            f"calibration_fraction must be in [0, 1), got {self.calibration_fraction}",
+        )
+        check(
+            self.calibration_min_identities >= 2,
+            f"calibration_min_identities must be >= 2, got {self.calibration_min_identities}",
+        )
+        check(
+            self.decoded_cache_mb >= 0,
+            f"decoded_cache_mb must be >= 0, got {self.decoded_cache_mb}",
+        )
+        check(self.val_top_k >= 1, f"val_top_k must be >= 1, got {self.val_top_k}")
         self.loss.validate()
         self.augment.validate()
         return self
 
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes`` applied (``None`` values are ignored), validated."""
-        changes = {k: v for k, v in changes.items() if v is not None}
-        merged = self.to_dict()
-        for key, value in _nest(changes).items():
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                merged[key] = {**merged[key], **value}
-            else:
-                merged[key] = value
-        return from_dict(TrainConfig, merged)
-
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        return from_dict(cls, d)
+        return to_dict(self)
 
 
 @dataclass(frozen=True)
@@ -184,100 +215,6 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _nest(changes: dict) -> dict:
-    """``{"loss.margin": 0.4}`` -> ``{"loss": {"margin": 0.4}}`` (merged into sub-sections)."""
-    out: dict = {}
-    for key, value in changes.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            out.setdefault(head, {})[rest] = value
-        else:
-            out[key] = value
-    return out
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    """Check and convert one YAML value to the annotated type ``tp``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], where)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return from_dict(tp, value, where=where)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where} must be a list of {len(args)} numbers, got {value!r}")
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def from_dict(cls: type, data: dict, *, where: str = "") -> Any:
-    """Build the frozen dataclass ``cls`` from ``data``; unknown keys raise ConfigError."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(map(str, data)) - set(names))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"allowed{' in ' + where if where else ''}: {', '.join(names)}"
-        )
-    kwargs = {
-        name: _convert(data[name], hints[name], f"{where}.{name}" if where else name)
-        for name in names
-        if name in data
-    }
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate()
-    return obj
-
-
-def load_job_config(path: str) -> JobConfig:
-    """Read a YAML job file (local or ``s3://``) into a validated :class:`JobConfig`."""
-    import yaml
-
-    from reid_ray import io as rio
-
-    try:
-        text = rio.read_bytes(path).decode()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse YAML config {path}: {exc}") from None
-    try:
-        return from_dict(JobConfig, data or {})
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+def load_job_config(source: str | dict | None = None, overrides=None) -> JobConfig:
+    """A YAML job file (local or ``s3://``) or a dict as a validated :class:`JobConfig`."""
+    return load_config(JobConfig, source, overrides)

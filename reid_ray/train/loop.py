@@ -1,7 +1,8 @@
 """The per-worker training function run by Ray Train's ``TorchTrainer``.
 
-Each worker builds the network (timm backbone + pooling + neck) and the sub-centre ArcFace
-head, wraps both in one module so DDP averages the ArcFace weights' gradients too, and
+Each worker builds the network (timm backbone + pooling + neck, with the start weights
+the driver loaded through ``reid_ray.models.load``) and the sub-centre ArcFace head,
+wraps both in one module so DDP averages the ArcFace weights' gradients too, and
 trains on its shard of the ``train`` dataset. Rank 0 validates on the ``val`` rows and
 writes the checkpoint of each epoch: ``model.pt`` (a reid-ray checkpoint, usable as
 ``--model``) and ``state.pt`` (optimiser, schedule, history) to resume from.
@@ -21,14 +22,9 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
-from reid_ray.models import (
-    CHECKPOINT_FILE,
-    NetConfig,
-    Preprocess,
-    ReidNet,
-    build_backbone,
-    save_checkpoint,
-)
+from reid_ray.config import from_dict
+from reid_ray.models import CHECKPOINT_FILE, NetConfig, Preprocess, ReidNet, save_checkpoint
+from reid_ray.runtime import set_threads
 from reid_ray.train.augment import TrainAugment
 from reid_ray.train.config import TrainConfig
 from reid_ray.train.losses import DynamicSubCenterArcFaceLoss
@@ -78,14 +74,11 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_net(net_cfg: NetConfig, init: dict) -> ReidNet:
-    """The network, from the offline ImageNet weights (timm) or a checkpoint's weights."""
-    if init["kind"] == "checkpoint":
-        net = ReidNet(net_cfg)
-        net.load_state_dict(init["state_dict"], strict=True)
-        return net
-    backbone, _ = build_backbone(net_cfg.backbone, pretrained=True, num_classes=0, global_pool="")
-    return ReidNet(net_cfg, backbone=backbone)
+def build_net(net_cfg: NetConfig, state_dict: dict) -> ReidNet:
+    """The network with the start weights the driver built through ``models.load``."""
+    net = ReidNet(net_cfg)
+    net.load_state_dict(state_dict, strict=True)
+    return net
 
 
 def param_groups(model: ArcFaceModel, cfg: TrainConfig) -> list[dict]:
@@ -118,7 +111,10 @@ def _epoch_batches(shard, cfg: TrainConfig, epoch: int, rank: int, device):
         images_np, labels_np = np.concatenate(images), np.concatenate(labels)
         rng = np.random.default_rng(seed)
         for idx in pk_batches(labels_np, cfg.batch_size // cfg.pk_k, cfg.pk_k, rng):
-            yield {"image": torch.from_numpy(images_np[idx]), "label": torch.from_numpy(labels_np[idx])}
+            yield {
+                "image": torch.from_numpy(images_np[idx]),
+                "label": torch.from_numpy(labels_np[idx]),
+            }
         return
     yield from shard.iter_torch_batches(
         batch_size=cfg.batch_size,
@@ -146,20 +142,17 @@ def train_loop(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = TrainConfig.from_dict(loop_cfg["train"])
+    cfg = from_dict(TrainConfig, loop_cfg["train"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(int(loop_cfg["threads"]))
+    set_threads(int(loop_cfg["threads"]))
     device = ray.train.torch.get_device()
     use_amp = cfg.amp and device.type == "cuda"
     preprocess = Preprocess.from_dict(loop_cfg["preprocess"])
     net_cfg = NetConfig.from_dict(loop_cfg["net"])
 
-    init = dict(loop_cfg["init"])
-    if init["kind"] == "checkpoint":
-        init["state_dict"] = ray.get(init["state_ref"])
     torch.manual_seed(cfg.seed)
-    net = build_net(net_cfg, init)
+    net = build_net(net_cfg, ray.get(loop_cfg["state_ref"]))
     head = DynamicSubCenterArcFaceLoss(
         num_classes=int(loop_cfg["num_classes"]),
         embedding_size=net.embedding_dim,
@@ -199,7 +192,9 @@ def train_loop(loop_cfg: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
 
-    augment = TrainAugment(cfg.augment, preprocess.input_size, preprocess.mean, preprocess.std).to(device)
+    augment = TrainAugment(cfg.augment, preprocess.input_size, preprocess.mean, preprocess.std).to(
+        device
+    )
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_cfg["has_val"] and rank == 0 else None
 
@@ -250,7 +245,7 @@ def train_loop(loop_cfg: dict) -> None:
                 preprocess,
                 device,
             )
-            val = leave_one_out_metrics(emb, ids)
+            val = leave_one_out_metrics(emb, ids, top_k=cfg.val_top_k)
             val = {f"val_{k}": v for k, v in val.items()}
             val["val_s"] = round(time.perf_counter() - tv, 3)
         record.update(val)
@@ -261,7 +256,9 @@ def train_loop(loop_cfg: dict) -> None:
         history.append(record)
 
         with tempfile.TemporaryDirectory(prefix="rr-ckpt-") as tmp:
-            meta = dict(loop_cfg["meta"], epoch=epoch + 1, val_mAP=val_map, train_loss=record["train_loss"])
+            meta = dict(
+                loop_cfg["meta"], epoch=epoch + 1, val_mAP=val_map, train_loss=record["train_loss"]
+            )
             save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), core.net, preprocess, meta)
             torch.save(
                 {

@@ -71,7 +71,9 @@ class DynamicSubCenterArcFaceLoss(SubCenterArcFaceLoss):
     ):
         margins_t = torch.as_tensor(np.asarray(margins, dtype=np.float32))
         if margins_t.shape != (num_classes,):
-            raise ConfigError(f"margins must have shape ({num_classes},), got {tuple(margins_t.shape)}")
+            raise ConfigError(
+                f"margins must have shape ({num_classes},), got {tuple(margins_t.shape)}"
+            )
         if num_classes < 1:
             raise ConfigError("ArcFace needs at least one class")
         super().__init__(
