@@ -162,7 +162,7 @@ class SiftExtractor(Extractor):
         cv_mask = None if mask is None else mask.astype(np.uint8) * 255
         kps, desc = self._sift.detectAndCompute(gray, cv_mask)
         if desc is None or not kps:
-            return _empty(img, scale, feature_spec("sift").descriptor_dim)
+            return _empty(img, scale, feature_spec(self.name).descriptor_dim)
         order = np.argsort([-k.response for k in kps], kind="stable")[: self.max_keypoints]
         kp = np.array([kps[i].pt for i in order], dtype=np.float32).reshape(-1, 2)
         sc = np.array([kps[i].response for i in order], dtype=np.float32)
@@ -193,7 +193,7 @@ class DiskExtractor(_TorchExtractor):
         from kornia.feature import DISK
 
         model = DISK()
-        state = load_state_dict(feature_spec("disk").weights, device="cpu")
+        state = load_state_dict(feature_spec(self.name).weights, device="cpu")
         model.load_state_dict(state["extractor"] if "extractor" in state else state)
         self.model = model.eval().to(device)
         self.max_keypoints = int(max_keypoints)
@@ -224,7 +224,7 @@ class DiskExtractor(_TorchExtractor):
             .cpu()
             .numpy()
             .astype(np.float32)
-            .reshape(-1, feature_spec("disk").descriptor_dim),
+            .reshape(-1, feature_spec(self.name).descriptor_dim),
             feats.detection_scores.float().cpu().numpy().astype(np.float32).reshape(-1),
             (int(w), int(h)),
             float(scale),
@@ -245,7 +245,7 @@ class AlikedExtractor(_TorchExtractor):
             model_name="aliked-n16", max_num_keypoints=int(max_keypoints), detection_threshold=-1.0
         )
         result = model.load_state_dict(
-            load_state_dict(feature_spec("aliked").weights, device="cpu"), strict=False
+            load_state_dict(feature_spec(self.name).weights, device="cpu"), strict=False
         )
         params = dict(model.named_parameters())
         missing = [k for k in result.missing_keys if k in params]
@@ -278,7 +278,7 @@ class AlikedExtractor(_TorchExtractor):
         )
 
 
-EXTRACTOR_CLASSES = {"sift": SiftExtractor, "disk": DiskExtractor, "aliked": AlikedExtractor}
+EXTRACTOR_CLASSES = {cls.name: cls for cls in (SiftExtractor, DiskExtractor, AlikedExtractor)}
 
 
 def build_extractor(cfg: RerankConfig, device: str = "cpu") -> Extractor:

@@ -136,27 +136,30 @@ def _stored(out_dir: str, sub: str):
 
 
 class _Pool:
-    """Ray and the pool plan, started only when there is work (a finished rerun needs none)."""
+    """Ray and a pool plan per stage, started only when there is work (a finished rerun
+    needs none); CPU actors are capped at the stage's number of blocks (an idle actor
+    holds CPUs and Ray Data warns about it)."""
 
     def __init__(self, cfg: RerankConfig, stats: dict[str, Any], *folders: str) -> None:
         self.cfg, self.stats, self.folders, self.plan = cfg, stats, folders, None
 
-    def kwargs(self) -> dict[str, Any]:
+    def kwargs(self, blocks: int) -> dict[str, Any]:
         from reid_ray.runtime import cluster_view, init_ray, plan_pool, require_shared_output
 
         if self.plan is None:
             init_ray()
             for folder in self.folders:  # workers write there: every node must see it
                 require_shared_output(folder, "the re-ranking output")
-            self.plan = plan_pool(
-                cluster_view(),
-                device=self.cfg.device,
-                actors=self.cfg.actors,
-                cpus_per_actor=self.cfg.cpus_per_actor,
-                gpus_per_actor=self.cfg.gpus_per_actor,
-                cpus_per_cpu_actor=CPUS_PER_CPU_ACTOR,
-            )
-            self.stats["pool"] = self.plan.to_dict()
+        self.plan = plan_pool(
+            cluster_view(),
+            device=self.cfg.device,
+            actors=self.cfg.actors,
+            cpus_per_actor=self.cfg.cpus_per_actor,
+            gpus_per_actor=self.cfg.gpus_per_actor,
+            cpus_per_cpu_actor=CPUS_PER_CPU_ACTOR,
+            max_cpu_actors=max(1, blocks),
+        )
+        self.stats["pool"] = self.plan.to_dict()
         return self.plan.map_batches_kwargs()
 
 
@@ -221,10 +224,11 @@ def score_pairs(
     t0 = time.perf_counter()
     extracted = 0
     if missing:
-        kwargs = pool.kwargs()
+        blocks = _chunks(_image_rows(manifest, set(missing)), 4)
+        kwargs = pool.kwargs(len(blocks))
         import ray
 
-        ds = ray.data.from_arrow(_chunks(_image_rows(manifest, set(missing)), 4)).map_batches(
+        ds = ray.data.from_arrow(blocks).map_batches(
             FeatureActor,
             fn_constructor_kwargs={
                 "cfg": cfg.to_dict(),
@@ -278,7 +282,6 @@ def score_pairs(
     t0 = time.perf_counter()
     matched, busy = 0, 0.0
     if len(todo):
-        kwargs = pool.kwargs()
         import ray
 
         grouped = todo.groupby("query_id", sort=False)["gallery_id"].apply(list).reset_index()
@@ -288,7 +291,9 @@ def score_pairs(
                 "gallery_ids": pa.array(grouped["gallery_id"], pa.list_(pa.string())),
             }
         )
-        ds = ray.data.from_arrow(_chunks(grouped, cfg.queries_per_batch)).map_batches(
+        blocks = _chunks(grouped, cfg.queries_per_batch)
+        kwargs = pool.kwargs(len(blocks))
+        ds = ray.data.from_arrow(blocks).map_batches(
             MatchActor,
             fn_constructor_kwargs={
                 "cfg": cfg.to_dict(),
