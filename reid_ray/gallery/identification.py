@@ -15,7 +15,8 @@ images into provisional individuals, write the outputs::
     OUT/manifest.json           the run record, written last
 
 Every output but the embeddings is recomputed from them on a rerun (it is cheap), so a
-killed run rerun loses and duplicates nothing.
+killed run rerun loses and duplicates nothing. Tests crash a run on purpose with
+``REID_RAY_IDENTIFY_FAIL_AT`` = ``after-embed`` or ``after-results``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from reid_ray import parts as rparts
 from reid_ray.errors import ConfigError, OutputError
 from reid_ray.gallery.config import NightlyConfig
 from reid_ray.gallery.decide import KNOWN, NEW, decide, evaluate_decisions, group_new, probability
-from reid_ray.gallery.store import GalleryVersion, open_version, read_table
+from reid_ray.gallery.store import GalleryVersion, fail_point, open_version, read_table
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ RESULTS_SCHEMA = pa.schema(
     ]
 )
 REVIEW_CANDIDATES = 3
+FAIL_ENV = "REID_RAY_IDENTIFY_FAIL_AT"
 
 
 def check_model(version: GalleryVersion, model_ref: str | None, image_size, flip) -> None:
@@ -200,6 +202,7 @@ def identify(
             "rebuild the gallery"
         )
     timings["embed"] = time.perf_counter() - t
+    fail_point("after-embed", FAIL_ENV)
 
     t = time.perf_counter()
     cands = search_parts(
@@ -283,6 +286,7 @@ def identify(
     for old in rparts.list_parts(errors_dir):
         rio.remove(old)
     rparts.write_part(errors_dir, errors, name="part-errors.parquet")
+    fail_point("after-results", FAIL_ENV)
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 

@@ -93,10 +93,10 @@ def version_name(n: int) -> str:
     return f"v{n:04d}"
 
 
-def _fail_point(step: str) -> None:
-    """Tests set ``REID_RAY_GALLERY_FAIL_AT`` to crash a merge at one of ``FAIL_POINTS``."""
-    if os.environ.get(FAIL_ENV) == step:
-        raise RuntimeError(f"injected failure at {step} ({FAIL_ENV})")
+def fail_point(step: str, env: str = FAIL_ENV) -> None:
+    """Tests set ``env`` to a step name to crash a job there (merge: ``FAIL_POINTS``)."""
+    if os.environ.get(env) == step:
+        raise RuntimeError(f"injected failure at {step} ({env})")
 
 
 def _version_dirs(root: str) -> list[str]:
@@ -244,7 +244,7 @@ def write_version(
         pa.array([name] * new_rows.num_rows, pa.string()),
     ).cast(GALLERY_SCHEMA)
     rio.write_table_atomic(rio.join(root, part_rel), rows)
-    _fail_point("after-parts")
+    fail_point("after-parts")
 
     part_list = (list(parent.info["parts"]) if parent else []) + [part_rel]
     files = [rio.join(root, p) for p in part_list]
@@ -258,7 +258,7 @@ def write_version(
     folder = rio.join(root, VERSIONS_DIR, name)
     index = build_index(matrix, ids, key=model["key"])
     save_index(index, rio.join(folder, "index"), meta={"gallery_version": name})
-    _fail_point("after-index")
+    fail_point("after-index")
 
     uniq, counts = np.unique(identities.astype(str), return_counts=True)
     rio.write_table_atomic(
@@ -286,7 +286,7 @@ def write_version(
         **(extra or {}),
     }
     rio.write_json_atomic(rio.join(folder, VERSION_FILE), info)
-    _fail_point("before-current")
+    fail_point("before-current")
     set_current(root, name)
     return GalleryVersion(root, name, info)
 
