@@ -9,7 +9,6 @@ from reid_ray.errors import ConfigError
 from reid_ray.gallery.decide import (
     KNOWN,
     NEW,
-    best_threshold,
     decide,
     evaluate_decisions,
     fit_calibration,
@@ -17,31 +16,6 @@ from reid_ray.gallery.decide import (
     probability,
 )
 from reid_ray.gallery.searcher import fold_identities
-
-
-def test_best_threshold_by_hand():
-    # right-known scores 0.9, 0.8; unknown 0.3, 0.5: any cut in (0.5, 0.8] is perfect
-    t, baks, baus = best_threshold(np.array([0.9, 0.8]), 2, np.array([0.3, 0.5]))
-    assert 0.5 < t <= 0.8
-    assert baks == 1.0 and baus == 1.0
-    # a wrong known sample caps known accuracy at 2/3 whatever the threshold
-    t, baks, baus = best_threshold(np.array([0.9, 0.8]), 3, np.array([0.3, 0.5]))
-    assert baks == pytest.approx(2 / 3) and baus == 1.0
-
-
-def test_best_threshold_overlap_picks_the_balanced_cut():
-    right = np.array([0.6, 0.7, 0.8, 0.9])
-    unknown = np.array([0.1, 0.2, 0.65, 0.3])
-    t, baks, baus = best_threshold(right, 4, unknown)
-    accepted = (right >= t).mean()
-    rejected = (unknown < t).mean()
-    assert (accepted + rejected) / 2 == pytest.approx((baks + baus) / 2)
-    assert (baks + baus) / 2 == pytest.approx(0.875)
-
-
-def test_best_threshold_needs_both_kinds():
-    with pytest.raises(ConfigError, match="at least two images"):
-        best_threshold(np.array([]), 0, np.array([0.3]))
 
 
 def test_decide_and_probability():
@@ -67,12 +41,21 @@ def test_fit_calibration_separates_well_separated_identities():
 
     ids, identities, x = _blobs(6, 4)
     cal = fit_calibration(ids, identities, x, build_index(x, ids), k=10)
-    assert cal["simulated_known_accuracy"] == 1.0
-    assert cal["simulated_unknown_accuracy"] == 1.0
+    assert cal["simulated"]["baks"] == pytest.approx(1.0)
+    assert cal["simulated"]["baus"] == pytest.approx(1.0)
+    assert cal["separable"] and cal["n_known"] == len(ids)
     same = x[0] @ x[1]
     other = max(x[0] @ x[j] for j in range(4, len(x)))
     assert other < cal["threshold"] <= same
     assert probability(np.array([same]), cal)[0] > 0.5 > probability(np.array([other]), cal)[0]
+
+
+def test_fit_calibration_refuses_a_gallery_of_single_images():
+    from reid_ray.index import build_index
+
+    ids, identities, x = _blobs(5, 1)
+    with pytest.raises(ConfigError, match="at least two images"):
+        fit_calibration(ids, identities, x, build_index(x, ids), k=4)
 
 
 def test_group_new_groups_mutual_neighbours_only():

@@ -1,12 +1,12 @@
 """Known-vs-new decision, its calibration on the gallery, and grouping of new individuals.
 
 Pure numpy (FAISS through ``reid_ray.index``); no Ray. The nightly job has no labels, so
-the decision is fitted on the gallery alone, leaving whole identities out: every sampled
-gallery image is a *known* query against the rest of the gallery (its top-1 neighbour,
-right when that neighbour shares its identity) and an *unknown* query against the gallery
-without its identity (its best score against another identity). The threshold maximises
-the mean of the two accuracies; a logistic fit of "same individual" on the top-1 score
-turns scores into the probabilities reviewers see.
+the decision is fitted on the gallery alone by ``reid_ray.evaluation.openset``, leaving
+whole identities out: every sampled gallery image is a *known* query against the rest of
+the gallery (its top-1 neighbour, right when that neighbour shares its identity) and an
+*unknown* query against the gallery without its identity (its best score against another
+identity). The threshold maximises balanced accuracy; a logistic fit of "same individual"
+on the simulated top-1 scores turns scores into the probabilities reviewers see.
 """
 
 from __future__ import annotations
@@ -24,69 +24,6 @@ NEW = "new"
 KNOWN = "known"
 
 
-def _loo_samples(
-    ids: np.ndarray,
-    identities: np.ndarray,
-    matrix: np.ndarray,
-    index,
-    k: int,
-    max_queries: int,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Simulated scores: (right-known top-1 scores, wrong-known top-1 scores, unknown scores)."""
-    from reid_ray.index import search
-
-    n = len(ids)
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, max_queries, replace=False)) if n > max_queries else np.arange(n)
-    scores, nbr = search(
-        index, matrix[sample], min(k, n - 1), query_ids=ids[sample], exclude_self=True
-    )
-    lookup = dict(zip(ids.tolist(), identities.tolist(), strict=True))
-    nbr_identity = np.vectorize(
-        lambda g: lookup.get(g) if g is not None else None, otypes=[object]
-    )(nbr)
-    own = identities[sample]
-    _, inverse, counts = np.unique(identities.astype(str), return_inverse=True, return_counts=True)
-    has_twin = counts[inverse[sample]] >= 2
-    valid = np.isfinite(scores)
-    same = nbr_identity == own[:, None]
-    top_right = same[:, 0] & valid[:, 0]
-    other = np.where(same | ~valid, -np.inf, scores).max(axis=1)
-    lowest = np.where(valid, scores, np.inf).min(axis=1)
-    unknown = np.where(np.isfinite(other), other, lowest)  # all listed share it: pessimistic
-    right = scores[has_twin & top_right, 0]
-    wrong = scores[has_twin & ~top_right & valid[:, 0], 0]
-    return right, wrong, unknown[np.isfinite(unknown)]
-
-
-def best_threshold(
-    right: np.ndarray, n_known: int, unknown: np.ndarray
-) -> tuple[float, float, float]:
-    """The threshold maximising (known accepted and right + unknown rejected) / 2.
-
-    ``right``: scores of known samples whose top-1 is right (accepted when >= threshold);
-    ``n_known``: all known samples (wrong ones count as errors at every threshold);
-    ``unknown``: scores of unknown samples (right when < threshold). Returns (threshold,
-    known accuracy, unknown accuracy); the threshold sits midway in the best gap.
-    """
-    if n_known == 0 or len(unknown) == 0:
-        raise ConfigError(
-            "cannot calibrate the known-vs-new decision: the gallery needs individuals with "
-            "at least two images and at least two individuals"
-        )
-    cuts = np.unique(np.concatenate([right, unknown]))
-    cuts = np.concatenate([cuts, [np.nextafter(cuts[-1], np.inf)]])
-    r, u = np.sort(right), np.sort(unknown)
-    baks = (len(r) - np.searchsorted(r, cuts, side="left")) / n_known
-    baus = np.searchsorted(u, cuts, side="left") / len(u)
-    objective = (baks + baus) / 2
-    best = np.flatnonzero(objective >= objective.max() - 1e-12)
-    j = int(best[(len(best) - 1) // 2])
-    threshold = float(cuts[j]) if j == 0 else float((cuts[j - 1] + cuts[j]) / 2)
-    return threshold, float(baks[j]), float(baus[j])
-
-
 def fit_calibration(
     ids: np.ndarray,
     identities: np.ndarray,
@@ -97,27 +34,50 @@ def fit_calibration(
     max_queries: int = 5000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The known-vs-new decision of a gallery (see the module docstring)."""
-    # wire: evaluation.openset (H4's calibrated leave-identity-out decision replaces this)
+    """The known-vs-new decision of a gallery: ``reid_ray.evaluation.openset`` fitted on the
+    gallery's own leave-identity-out simulation (see the module docstring), plus a logistic
+    fit of "same individual" on the simulated top-1 scores for the reviewers' confidence."""
     from sklearn.linear_model import LogisticRegression
 
-    if len(ids) < 3:
-        raise ConfigError(f"a gallery needs at least 3 images to calibrate, got {len(ids)}")
-    right, wrong, unknown = _loo_samples(ids, identities, matrix, index, k, max_queries, seed)
-    threshold, baks, baus = best_threshold(right, len(right) + len(wrong), unknown)
-    x = np.concatenate([right, unknown]).reshape(-1, 1)
-    y = np.concatenate([np.ones(len(right)), np.zeros(len(unknown))])
-    a, b = 1.0, -threshold
+    from reid_ray.evaluation.openset import (
+        DecisionConfig,
+        fit_decision,
+        pairs_from_matrix,
+        simulate,
+    )
+    from reid_ray.index import search
+
+    n = len(ids)
+    if n < 3:
+        raise ConfigError(f"a gallery needs at least 3 images to calibrate, got {n}")
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, max_queries, replace=False)) if n > max_queries else np.arange(n)
+    scores, nbr = search(
+        index, matrix[sample], min(k, n - 1), query_ids=ids[sample], exclude_self=True
+    )
+    samples = simulate(
+        pairs_from_matrix(ids[sample], scores, nbr),
+        ids.tolist(),
+        dict(zip(ids.tolist(), identities.tolist(), strict=True)),
+        max_samples=max_queries,
+        seed=seed,
+    )
+    decision = fit_decision(samples, DecisionConfig(seed=seed))
+    if not np.isfinite(decision.threshold):
+        raise ConfigError(
+            "cannot calibrate the known-vs-new decision: the gallery needs individuals with "
+            f"at least two images and at least two individuals ({decision.message})"
+        )
+    right = samples.known_scores[samples.known_right]
+    x = np.concatenate([right, samples.unknown_scores]).reshape(-1, 1)
+    y = np.concatenate([np.ones(len(right)), np.zeros(samples.n_unknown)])
+    a, b = 1.0, -float(decision.threshold)
     if len(np.unique(y)) == 2:
         model = LogisticRegression(C=100.0, class_weight="balanced").fit(x, y)
         a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
     return {
-        "method": "leave-identity-out top-1 score threshold (gallery only)",
-        "threshold": threshold,
-        "simulated_known_accuracy": baks,
-        "simulated_unknown_accuracy": baus,
-        "n_known_samples": int(len(right) + len(wrong)),
-        "n_unknown_samples": int(len(unknown)),
+        **decision.to_dict(),
+        "threshold": float(decision.threshold),
         "logistic": {"a": a, "b": b},
         "k": int(k),
         "max_queries": int(max_queries),
