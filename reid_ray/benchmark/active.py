@@ -1,26 +1,51 @@
-"""USL and AL cells: the active-learning stage (``reid_ray.active``) run on a dataset's split.
+"""USL and AL cells: one ``reid_ray.active.run_al`` run on a dataset's split.
 
-The stage is optional here: when ``reid_ray.active`` has no ``run_al`` entry point yet, the
-cell fails with that reason (recorded in its JSON and the report) and every other cell runs.
+USL is the AL run with no annotations (budget 0): pseudo-labels from the complementary
+clusterings alone, then fine-tuning. An AL cell asks the simulated oracle for ``budget``
+pairs (a fraction of all pairs of the train rows, ``"0.033%"``, or a count). Each run keeps
+its rounds under ``OUT/work/<dataset>/active/<cell>`` and resumes there.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from reid_ray import io as rio
 from reid_ray.benchmark.config import BenchmarkConfig, MethodSpec
 from reid_ray.benchmark.datasets import PreparedDataset
-from reid_ray.errors import ConfigError
+
+ALL = "all"
 
 
 def run_active_cell(ds: PreparedDataset, method: MethodSpec, cfg: BenchmarkConfig,
-                    budget: float | None, work: str) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """One USL (``budget`` None: no annotations) or AL run; ``(results, training)``."""
-    try:
-        from reid_ray.active import run_al  # type: ignore[attr-defined]
-    except ImportError:
-        raise ConfigError(
-            f"method {method.name}: kind {method.kind} needs the active-learning stage "
-            "(reid_ray.active.run_al), which is not available in this installation"
-        ) from None
-    raise ConfigError(f"method {method.name}: reid_ray.active.run_al is not wired yet ({run_al})")
+                    budget: float | str | None, work: str) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """One USL (no annotations) or AL run; ``(results, training)`` keyed by species."""
+    from reid_ray.active import load_al_config, run_al
+
+    budget = "0" if method.kind == "usl" else str(budget)
+    name = method.name if method.kind == "usl" else f"{method.name}@{budget}"
+    settings = {"evaluate_start": False, **method.al}
+    al_cfg = load_al_config(
+        settings,
+        {"manifest": ds.manifest, "split": ds.split, "model": method.model, "budget": budget,
+         "image_size": method.image_size, "out": rio.join(work, "active", name)},
+    )  # fmt: skip
+    metrics = run_al(al_cfg)
+    result = {key: metrics.get(key) for key in ("top1", "top5", "mAP", "baks", "baus", "auroc")}
+    phases = metrics.get("seconds_by_phase", {})
+    result.update(
+        seconds=metrics.get("total_seconds"),
+        timings={"embed_seconds": phases.get("embed"), **phases},
+        counts={"pairs_asked": metrics.get("budget_pairs"), "rounds": len(metrics["rounds"])},
+        nmi=metrics.get("nmi"),
+        ari=metrics.get("ari"),
+        eval_dir=al_cfg.out,
+    )
+    training = {
+        "checkpoint": al_cfg.out,
+        "epochs": None,
+        "rounds": len(metrics["rounds"]),
+        "pairs_asked": metrics.get("budget_pairs"),
+        "timings": {"total_s": metrics.get("total_seconds")},
+    }
+    return {ALL: result}, {ALL: training}

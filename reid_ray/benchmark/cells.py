@@ -2,8 +2,9 @@
 protocol of ``reid_ray.evaluation.evaluate``, on the whole dataset and per species.
 
 Work is shared between cells, never redone: a model's embeddings of a dataset live in
-``OUT/work/<dataset>/eval/<model key>`` (the cells with and without re-ranking use the same
-folder, so the images are embedded once), local features in ``OUT/work/<dataset>/features``
+``OUT/work/<dataset>/embed/<model key>`` (the cells with and without re-ranking and every
+species split use them, so each image is embedded once), local features in
+``OUT/work/<dataset>/features``
 (once per image for every re-ranking cell), a fine-tuned checkpoint in
 ``OUT/work/<dataset>/train/<settings key>`` (fine-tune and fine-tune + re-ranking share it).
 """
@@ -16,8 +17,6 @@ import logging
 import re
 import time
 from typing import Any
-
-import numpy as np
 
 from reid_ray import io as rio
 from reid_ray.benchmark.config import BenchmarkConfig, MethodSpec
@@ -39,94 +38,40 @@ def model_key(ref: str, image_size: int | None) -> str:
     return f"{tail}-{image_size or 'auto'}-{short_hash([ref, image_size])}"
 
 
-def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float | None:
-    """P(a known query's top score > an unknown query's), ties counted half (the
-    Mann-Whitney form of the ROC AUC); None without both kinds of query."""
-    from scipy.stats import rankdata
-
-    k = np.asarray(known_scores, dtype=np.float64)
-    u = np.asarray(unknown_scores, dtype=np.float64)
-    if len(k) == 0 or len(u) == 0:
-        return None
-    ranks = rankdata(np.concatenate([k, u]))
-    return float((ranks[: len(k)].sum() - len(k) * (len(k) + 1) / 2) / (len(k) * len(u)))
-
-
-def _top_scores(table, score_col: str) -> dict[str, float]:
-    frame = table.select(["query_id", score_col]).to_pandas()
-    return frame.groupby("query_id")[score_col].max().astype(float).to_dict()
-
-
-def open_set_auroc(top: dict[str, float], split_path: str) -> float | None:
-    """AUROC of the top-1 score as a known-vs-new detector over query + query_unknown rows
-    (a query without candidates scores -inf)."""
-    from reid_ray.data import read_split
-
-    split = read_split(split_path)
-    scores = {
-        s: np.array([top.get(i, -np.inf) for i in split.loc[split["split"] == s, "image_id"]])
-        for s in ("query", "query_unknown")
-    }
-    return auroc(scores["query"], scores["query_unknown"])
-
-
-class RerankHook:
-    """The re-ranking callable handed to ``evaluate``: our settings, our output folder (one
-    per settings, beside the shared embeddings), and the re-ranked table kept for AUROC."""
-
-    def __init__(self, settings: dict[str, Any], out_dir: str, cache_dir: str):
-        from reid_ray.config import load_config
-        from reid_ray.rerank import RerankConfig
-
-        self.cfg = load_config(RerankConfig, {"cache_dir": cache_dir, **settings})
-        self.out_dir = out_dir
-        self.reranked = None
-
-    def __call__(self, *, cfg: Any = None, out_dir: str | None = None, **kwargs: Any):
-        from reid_ray.rerank import rerank_with_calibration
-
-        result = rerank_with_calibration(cfg=self.cfg, out_dir=self.out_dir, **kwargs)
-        self.reranked = result[0]
-        return result
-
-
 def evaluate_one(
-    ds: PreparedDataset, split: str, model: str, eval_dir: str, method: MethodSpec,
-    image_size: int | None, k: int, species: str = "all",
+    ds: PreparedDataset, split: str, model: str, work: str, method: MethodSpec,
+    image_size: int | None, k: int, species: str = ALL,
 ) -> dict[str, Any]:  # fmt: skip
     """``evaluate`` one model on one split; the cell's summary of its metrics.json.
 
-    Every split of a dataset is evaluated in the model's one ``eval_dir``: the embeddings
-    there are reused (only missing images are embedded); re-ranking writes to its own folder
-    per settings and species, the local features go to the dataset's shared cache.
+    The model's embeddings of the dataset live in one folder, ``work/embed/<model key>``,
+    shared by every cell and species split (each image embedded once); local features in
+    ``work/features`` (once per image for every re-ranking cell); each evaluation writes its
+    candidates and metrics to ``work/eval/<model key>/<method>.<species>``.
     """
+    from reid_ray.config import load_config
     from reid_ray.evaluation import evaluate
-    from reid_ray.parts import read_parts
+    from reid_ray.rerank import RerankConfig
 
-    hook = None
+    key = model_key(model, image_size)
+    rerank = None
     if method.rerank is not None:
-        hook = RerankHook(
-            method.rerank,
-            rio.join(eval_dir, f"rerank-{short_hash(method.rerank)}.{species_slug(species)}"),
-            rio.join(rio.dirname(rio.dirname(eval_dir)), "features"),
-        )
+        rerank = load_config(RerankConfig, {"cache_dir": rio.join(work, "features"),
+                                            **method.rerank})  # fmt: skip
+    eval_dir = rio.join(work, "eval", key, f"{method.name}.{species_slug(species)}")
     t = time.perf_counter()
     metrics = evaluate(
-        ds.manifest, split, model, eval_dir, rerank=hook, image_size=image_size, k=k,
-        command=f"benchmark {ds.name} {method.name}",
+        ds.manifest, split, model, eval_dir, rerank=rerank, image_size=image_size, k=k,
+        embed_dir=rio.join(work, "embed", key), command=f"benchmark {ds.name} {method.name}",
     )  # fmt: skip
     seconds = time.perf_counter() - t
-    if hook is not None and hook.reranked is not None:
-        top = _top_scores(hook.reranked, "probability")
-    else:
-        top = _top_scores(read_parts(rio.join(eval_dir, "candidates")), "score")
     counts = metrics.get("counts", {})
     timings = dict(metrics.get("timings", {}))
     if metrics.get("rerank"):
         timings["rerank_seconds"] = metrics["rerank"].get("seconds")
     out = {key: metrics.get(key) for key in METRIC_KEYS}
     out.update(
-        auroc=open_set_auroc(top, split),
+        auroc=metrics.get("auroc_known_unknown"),
         seconds=round(seconds, 2),
         timings=timings,
         counts={
@@ -144,7 +89,7 @@ def evaluate_one(
     )
     if "global" in metrics:
         g = metrics["global"]
-        out["global"] = {key: g.get(key) for key in METRIC_KEYS}
+        out["global"] = {key: g.get(key) for key in (*METRIC_KEYS, "auroc_known_unknown")}
     return out
 
 
@@ -183,17 +128,16 @@ def _targets(ds: PreparedDataset, by_species: bool) -> list[tuple[str, str]]:
 
 
 def run_cell(ds: PreparedDataset, method: MethodSpec, cfg: BenchmarkConfig,
-             budget: float | None = None) -> dict[str, Any]:  # fmt: skip
+             budget: float | str | None = None) -> dict[str, Any]:  # fmt: skip
     """Run one cell; ``{"results": {species: summary}, "train": ..., "seconds": ...}``."""
     work = rio.join(cfg.out, "work", ds.name)
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
     training: dict[str, Any] = {}
     if method.kind in ("pretrained", "checkpoint"):
-        key = model_key(method.model, method.image_size)
         for sp, split in _targets(ds, cfg.by_species):
-            results[sp] = evaluate_one(ds, split, method.model, rio.join(work, "eval", key),
-                                       method, method.image_size, cfg.k, sp)  # fmt: skip
+            results[sp] = evaluate_one(ds, split, method.model, work, method, method.image_size,
+                                       cfg.k, sp)  # fmt: skip
     elif method.kind == "finetune":
         tkey = short_hash([method.model, method.image_size, method.train])
         if method.per_species:
@@ -203,14 +147,12 @@ def run_cell(ds: PreparedDataset, method: MethodSpec, cfg: BenchmarkConfig,
                 plan = [(ALL, ds.split, rio.join(work, "train", tkey))]
             for sp, split, train_dir in plan:
                 training[sp] = train_one(ds, split, method, train_dir)
-                eval_dir = rio.join(work, "eval", model_key(train_dir, None))
-                results[sp] = evaluate_one(ds, split, train_dir, eval_dir, method, None, cfg.k, sp)
+                results[sp] = evaluate_one(ds, split, train_dir, work, method, None, cfg.k, sp)
         else:
             train_dir = rio.join(work, "train", tkey)
             training[ALL] = train_one(ds, ds.split, method, train_dir)
-            eval_dir = rio.join(work, "eval", model_key(train_dir, None))
             for sp, split in _targets(ds, cfg.by_species):
-                results[sp] = evaluate_one(ds, split, train_dir, eval_dir, method, None, cfg.k, sp)
+                results[sp] = evaluate_one(ds, split, train_dir, work, method, None, cfg.k, sp)
     else:
         from reid_ray.benchmark.active import run_active_cell
 

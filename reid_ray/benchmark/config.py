@@ -80,7 +80,9 @@ class MethodSpec:
     ``kind``: ``pretrained`` (``model`` as it is: ``timm:NAME``, ``hf-hub:...``),
     ``checkpoint`` (``model`` is a trained checkpoint), ``finetune`` (train ``model`` on each
     dataset's ``train`` rows with ``train`` settings, then evaluate), ``usl`` / ``al`` (the
-    active-learning stage, ``reid_ray.active``: unsupervised, or at each of ``budgets``).
+    active-learning stage, ``reid_ray.active.run_al``: no annotations, or one run at each
+    of ``budgets``: fractions of all pairs of the train rows, ``"0.033%"``, or counts; ``al``:
+    other ``ALConfig`` settings such as sampler, rounds, train).
     ``rerank``: None (global ranking) or ``RerankConfig`` settings (``{}`` = the defaults).
     ``per_species``: fine-tune one model per species and evaluate each on its own species
     (MiewID's comparison against one model over all species).
@@ -93,7 +95,7 @@ class MethodSpec:
     rerank: dict[str, Any] | None = None
     train: dict[str, Any] = field(default_factory=dict)
     per_species: bool = False
-    budgets: tuple[float, ...] = ()
+    budgets: tuple[float | str, ...] = ()
     al: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -106,6 +108,10 @@ class MethodSpec:
         check(
             self.kind != "al" or len(self.budgets) > 0,
             f"method {self.name}: kind al needs budgets (fractions of pairs, e.g. [0.001, 0.01])",
+        )
+        check(
+            not self.al or self.kind in ("usl", "al"),
+            f"method {self.name}: al settings apply to kinds usl and al",
         )
         check(self.image_size is None or self.image_size >= 16, "image_size must be >= 16")
 

@@ -35,10 +35,10 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 
-def cell_names(method: MethodSpec) -> list[tuple[str, float | None]]:
+def cell_names(method: MethodSpec) -> list[tuple[str, float | str | None]]:
     """The cells of a method: one, or one per AL budget (``NAME@BUDGET``)."""
     if method.kind == "al":
-        return [(f"{method.name}@{b:g}", float(b)) for b in method.budgets]
+        return [(f"{method.name}@{b}", b) for b in method.budgets]
     return [(method.name, None)]
 
 
@@ -47,7 +47,7 @@ def cell_path(out: str, dataset: str, cell: str) -> str:
 
 
 def cell_fingerprint(ds: PreparedDataset, method: MethodSpec, cfg: BenchmarkConfig,
-                     budget: float | None) -> str:  # fmt: skip
+                     budget: float | str | None) -> str:  # fmt: skip
     """What decides a cell's result: the method's settings, the split files, k, by_species."""
     splits = {sp: rio.read_bytes(p).decode() for sp, p in ds.species_splits.items()}
     return short_hash(
@@ -112,7 +112,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: Progress | None = None) -> 
 
 
 def _run_and_record(ds: PreparedDataset, method: MethodSpec, cfg: BenchmarkConfig, cell: str,
-                    budget: float | None, fingerprint: str, path: str) -> dict[str, Any]:  # fmt: skip
+                    budget: float | str | None, fingerprint: str, path: str) -> dict[str, Any]:  # fmt: skip
     """Run one cell and write its record; a failure is recorded, not raised."""
     logger.info("benchmark %s / %s: running", ds.name, cell)
     base = {
