@@ -53,3 +53,34 @@ def benchmark_command(
             ("time", f"{result['seconds']:.0f} s"),
         ],
     )  # fmt: skip
+
+
+def sweep_command(
+    config: str = typer.Option(
+        ..., help="Sweep config (YAML/JSON; e.g. jobs/configs/sweep_toyzoos.yaml)."
+    ),
+    out: str | None = typer.Option(None, help="Output folder (overrides the config's out)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a setting, KEY=VALUE (e.g. --set max_concurrent=2)."
+    ),
+) -> None:
+    """Ray Tune sweep of active-learning runs over datasets x samplers x budgets x seeds:
+    one table (mean and spread over seeds) and mAP-vs-budget plots. Resumes when
+    interrupted: finished trials are not redone."""
+    from reid_ray.benchmark.sweep import load_sweep_config, run_sweep
+    from reid_ray.console import summary
+
+    overrides = list(set_) + ([f"out={out}"] if out else [])
+    result = run_sweep(load_sweep_config(config, overrides))
+    c = result["counts"]
+    summary(
+        "sweep",
+        [
+            ("trials", f"{c['trials']} ({c['errored']} errored; resumed: {c['resumed']})"),
+            ("table", f"{result['outputs']['sweep.md']} and sweep.csv, trials.csv"),
+            ("plot", result["outputs"].get("sweep.png", "-")),
+            ("time", f"{result['seconds']:.0f} s"),
+        ],
+    )
+    if result["errors"]:
+        summary("first errors", [(str(i), e[:200]) for i, e in enumerate(result["errors"][:3])])
