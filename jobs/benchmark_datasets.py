@@ -9,27 +9,7 @@ Joins the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else starts
 A rerun with the same output resumes: finished dataset x method cells are not redone.
 """
 
-from __future__ import annotations
-
-import sys
-
-import typer
-
-from reid_ray.benchmark.commands import benchmark_command
-from reid_ray.console import setup_logging
-from reid_ray.errors import ReidRayError
-
-
-def main() -> None:
-    setup_logging()
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(benchmark_command)
-    try:
-        app()
-    except ReidRayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
+from reid_ray.benchmark.commands import benchmark_command, run_as_job
 
 if __name__ == "__main__":
-    main()
+    run_as_job(benchmark_command)

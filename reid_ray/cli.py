@@ -33,6 +33,7 @@ STAGE_COMMANDS = [
     ("train", "reid_ray.train.commands", "train_command"),
     ("rerank", "reid_ray.rerank.commands", "rerank_command"),
     ("benchmark", "reid_ray.benchmark.commands", "benchmark_command"),
+    ("sweep", "reid_ray.benchmark.commands", "sweep_command"),
     ("al", "reid_ray.active.commands", "al_command"),
     ("identify", "reid_ray.gallery.commands", "identify_command"),
 ]

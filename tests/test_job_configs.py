@@ -10,6 +10,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "jobs" / "configs"
 LOADERS = {
     "train_": "reid_ray.train:load_job_config",
     "benchmark_": "reid_ray.benchmark.config:load_benchmark_config",
+    "sweep_": "reid_ray.benchmark.sweep:load_sweep_config",
     "al_": "reid_ray.active.config:load_al_config",
     "nightly_": "reid_ray.gallery:load_nightly_config",
 }

@@ -141,8 +141,9 @@ def dataset_report(name: str, info: dict[str, Any], cells: list[dict[str, Any]],
     return "\n".join(lines)
 
 
-def plot(df: pd.DataFrame, path: str) -> bool:
-    """mAP per method, one panel per dataset (bars grouped by species)."""
+def dataset_panels(frame: pd.DataFrame, draw, path: str) -> bool:
+    """One panel per dataset of ``frame`` (``draw(ax, rows, dataset)`` fills each), saved as
+    a PNG at ``path`` (local or ``s3://``); False when there is nothing to draw."""
     import io
 
     import matplotlib
@@ -150,25 +151,32 @@ def plot(df: pd.DataFrame, path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = df[df["status"] == "done"].dropna(subset=["mAP"])
-    if done.empty:
+    if frame.empty:
         return False
-    datasets = list(dict.fromkeys(done["dataset"]))
+    datasets = list(dict.fromkeys(frame["dataset"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
     for ax, name in zip(axes[0], datasets, strict=True):
-        sub = done[done["dataset"] == name]
-        pivot = sub.pivot_table(index="method", columns="species", values="mAP", sort=False)
-        pivot.plot.bar(ax=ax, rot=30)
+        draw(ax, frame[frame["dataset"] == name], name)
         ax.set_title(name)
-        ax.set_ylabel("mAP")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=7, title="species")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     rio.write_bytes_atomic(path, buf.getvalue())
     return True
+
+
+def plot(df: pd.DataFrame, path: str) -> bool:
+    """mAP per method, one panel per dataset (bars grouped by species)."""
+
+    def draw(ax, sub: pd.DataFrame, _name: str) -> None:
+        pivot = sub.pivot_table(index="method", columns="species", values="mAP", sort=False)
+        pivot.plot.bar(ax=ax, rot=30)
+        ax.set_ylabel("mAP")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, title="species")
+
+    return dataset_panels(df[df["status"] == "done"].dropna(subset=["mAP"]), draw, path)
 
 
 def write_outputs(cfg: BenchmarkConfig, records: dict[str, list[dict[str, Any]]],
@@ -186,3 +194,28 @@ def write_outputs(cfg: BenchmarkConfig, records: dict[str, list[dict[str, Any]]]
     if cfg.plots and plot(df, rio.join(out, "benchmark.png")):
         paths["plot"] = rio.join(out, "benchmark.png")
     return paths
+
+
+def export_results(out: str, dest: str, *, note: str = "") -> dict[str, Any]:
+    """Copy a finished benchmark's figures into ``dest.json`` / ``dest.md`` (e.g.
+    ``benchmarks/results/benchmark_dogfacenet``): the table, the per-dataset reports, the
+    cell records without bulky fields, the machine it ran on and ``note``."""
+    import glob
+    import os
+    import platform
+
+    record = rio.read_json(rio.join(out, "manifest.json"))
+    cells = [rio.read_json(p) for p in sorted(glob.glob(os.path.join(out, "cells", "*", "*.json")))]
+    for c in cells:
+        c.pop("traceback", None)
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
+               "platform": platform.platform(), "load_average_at_export": os.getloadavg()}  # fmt: skip
+    data = {"note": note, "machine": machine, "run": record, "cells": cells,
+            "table": pd.read_csv(rio.join(out, "table.csv")).to_dict("records")}  # fmt: skip
+    rio.write_json_atomic(f"{dest}.json", data)
+    parts = [f"# Benchmark results ({os.path.basename(dest)})", "", note, "",
+             rio.read_bytes(rio.join(out, "table.md")).decode()]  # fmt: skip
+    for path in sorted(glob.glob(os.path.join(out, "reports", "*.md"))):
+        parts += ["", rio.read_bytes(path).decode().replace("# Benchmark:", "## Dataset:", 1)]
+    rio.write_bytes_atomic(f"{dest}.md", "\n".join(parts).encode())
+    return data

@@ -3,7 +3,6 @@ same whether the sweep ran in one go or was interrupted and resumed)."""
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
@@ -72,32 +71,19 @@ def markdown(summary: pd.DataFrame) -> str:
 def plot(summary: pd.DataFrame, path: str) -> bool:
     """mAP vs budget, one line per sampler (error bars: spread over seeds), one panel per
     dataset."""
-    import matplotlib
+    from reid_ray.benchmark.report import dataset_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if summary.empty:
-        return False
-    datasets = list(dict.fromkeys(summary["dataset"]))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for ax, name in zip(axes[0], datasets, strict=True):
-        sub = summary[summary["dataset"] == name]
+    def draw(ax, sub: pd.DataFrame, _name: str) -> None:
         for sampler, g in sub.groupby("sampler", sort=True):
             ax.errorbar(g["budget_value"], g["mAP_mean"], yerr=g["mAP_std"], marker="o",
                         capsize=3, label=sampler)  # fmt: skip
         if (sub["budget_value"] > 0).all() and sub["budget_value"].max() < 1:
             ax.set_xscale("log")
-        ax.set_title(name)
         ax.set_xlabel("budget (share of train pairs)")
         ax.set_ylabel("mAP")
         ax.legend(title="sampler", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    rio.write_bytes_atomic(path, buf.getvalue())
-    return True
+
+    return dataset_panels(summary, draw, path)
 
 
 def write_sweep_outputs(cfg, cells: list[dict[str, Any]]) -> dict[str, str]:
