@@ -292,7 +292,7 @@ def choose_samples(
             "the simulated scores are optimistic)"
         )
     else:
-        sim.fitted_on += " (the model may have trained on them: scores may be optimistic)"
+        sim.fitted_on += " (if the model trained on these images, the scores are optimistic)"
     sim.info["heldout"] = False
     return sim
 
