@@ -130,6 +130,7 @@ def child_main(args: argparse.Namespace) -> None:
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
+        address="local",  # its own cluster, never one another job left running
         num_cpus=args.cpus or None,
         object_store_memory=args.object_store_mb * 1024 * 1024,
         include_dashboard=False,

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pytest
 
 from reid_ray import io as rio
+from reid_ray.data.manifest import errors_table
 from reid_ray.embed import (
     EmbedConfig,
     embeddings_table,
@@ -27,7 +28,12 @@ from reid_ray.embed import (
     read_errors,
     scan_existing,
 )
-from reid_ray.embed.store import EMBEDDINGS_DIR, PartWriter
+from reid_ray.embed.store import (
+    EMBEDDINGS_DIR,
+    iter_embedding_batches,
+    write_batch_parts,
+    write_errors,
+)
 from reid_ray.errors import ConfigError, OutputError
 from reid_ray.parts import list_parts, read_part, remove_temporary
 from reid_ray.runtime import ClusterView
@@ -248,26 +254,31 @@ def test_embedder_refuses_a_different_model():
 # --- the store ------------------------------------------------------------------------------
 
 
-def test_part_writer_store_round_trip(tmp_path):
+def test_batch_parts_store_round_trip(tmp_path):
     out = str(tmp_path / "out")
     rng = np.random.default_rng(0)
-    writer = PartWriter(out, "key-a", rows_per_part=5)
     ids = [f"i{n}" for n in range(12)]
     vecs = rng.normal(size=(12, 8)).astype(np.float32)
+    totals = [0, 0]
     for start in range(0, 12, 4):
         stop = start + 4
         errors = np.array(["", "", "", "boom" if start == 4 else ""], dtype=object)
-        writer.add(
+        n_ok, n_bad, rows = write_batch_parts(
+            out,
+            "key-a",
             dict(
                 image_id=np.array(ids[start:stop], dtype=object),
                 path=np.array([f"p{n}" for n in range(start, stop)], dtype=object),
                 embedding=vecs[start:stop],
                 error=errors,
                 stage=np.where(errors == "", "", "decode").astype(object),
-            )
+            ),
         )
-    writer.close()
-    assert writer.n_embedded == 11 and writer.n_errors == 1 and len(writer.parts) == 2
+        totals[0] += n_ok
+        totals[1] += n_bad
+    assert totals == [11, 1] and rows == []
+    assert len(list_parts(str(tmp_path / "out" / EMBEDDINGS_DIR))) == 3
+    write_errors(out, errors_table([dict(image_id="m", path="x", stage="manifest", reason="dup")]))
     # a temporary file of a killed writer is never read as a part
     (tmp_path / "out" / EMBEDDINGS_DIR / "part-x.parquet.tmp-1234").write_bytes(b"PAR1 half")
     existing = scan_existing(out)
@@ -275,8 +286,13 @@ def test_part_writer_store_round_trip(tmp_path):
     emb = read_embeddings(out, ids=["i11", "i0", "i7", "i3"])
     assert emb.ids.tolist() == ["i11", "i0", "i3"] and emb.key == "key-a"
     np.testing.assert_array_equal(emb.matrix, vecs[[11, 0, 3]])
-    errors = read_errors(out).to_pylist()
-    assert errors == [{"image_id": "i7", "path": "p7", "stage": "decode", "reason": "boom"}]
+    errors = sorted(read_errors(out).to_pylist(), key=lambda r: r["image_id"])
+    assert errors == [
+        {"image_id": "i7", "path": "p7", "stage": "decode", "reason": "boom"},
+        {"image_id": "m", "path": "x", "stage": "manifest", "reason": "dup"},
+    ]
+    streamed = sum(b.num_rows for b in iter_embedding_batches(out, batch_size=4))
+    assert streamed == 11
     assert remove_temporary(str(tmp_path / "out" / EMBEDDINGS_DIR)) == 1
 
 

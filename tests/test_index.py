@@ -192,3 +192,33 @@ def test_index_and_search_jobs_write_candidates(tmp_path):
     _write_embed_output(other, ids, matrix, key="fp-b", parts=1)
     with pytest.raises(ConfigError, match="different models"):
         search_embeddings(idx, other, str(tmp_path / "cand_b"), k=5)
+
+
+def _sorted_candidates(out: str) -> pd.DataFrame:
+    df = read_candidates(out).to_pandas()
+    return df.sort_values(["query_id", "rank"]).reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_search_over_actors_equals_search_in_process(ray_cluster, tmp_path, s3_bucket):
+    """Query shards searched by an actor pool (an index replica each), reading and writing
+    on S3, give exactly the in-process candidates; the driver only counts."""
+    rng = np.random.default_rng(5)
+    ids = [f"q{i:03d}" for i in range(90)]
+    matrix = _unit(rng.normal(size=(90, 12)))
+    emb_out = f"{s3_bucket}/emb"
+    _write_embed_output(emb_out, ids, matrix, parts=4)
+    idx = f"{s3_bucket}/index"
+    index_embeddings(emb_out, idx)
+    local = search_embeddings(idx, emb_out, str(tmp_path / "local"), k=7, exclude_self=True)
+    remote_out = f"{s3_bucket}/cand"
+    spread = search_embeddings(
+        idx, emb_out, remote_out, k=7, exclude_self=True, actors=2, batch_size=16
+    )
+    assert (spread.n_queries, spread.n_candidates) == (local.n_queries, local.n_candidates)
+    assert spread.n_queries == 90 and spread.n_candidates == 90 * 7
+    pd.testing.assert_frame_equal(_sorted_candidates(str(tmp_path / "local")),
+                                  _sorted_candidates(remote_out))  # fmt: skip
+    assert rio.read_json(f"{remote_out}/manifest.json")["actors"] == 2
+    # 90 queries in shards of 16 rows: several parts, written by the actors
+    assert len(rio.list_files(f"{remote_out}/candidates", ".parquet")) >= 4

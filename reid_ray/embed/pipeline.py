@@ -28,7 +28,13 @@ from reid_ray import io as rio
 from reid_ray import parts
 from reid_ray.data.manifest import Manifest
 from reid_ray.embed.config import EmbedConfig, ResourcePlan, plan_resources
-from reid_ray.embed.store import EMBEDDINGS_DIR, ERRORS_DIR, PartWriter, scan_existing
+from reid_ray.embed.store import (
+    EMBEDDINGS_DIR,
+    ERRORS_DIR,
+    scan_existing,
+    write_batch_parts,
+    write_errors,
+)
 from reid_ray.errors import ConfigError, OutputError
 
 logger = logging.getLogger(__name__)
@@ -61,23 +67,12 @@ class EmbedSummary:
         return asdict(self)
 
 
-def embed(
-    manifest_path: str,
-    model_ref: str,
-    out: str,
-    cfg: EmbedConfig | None = None,
-    *,
-    overwrite: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-    command: str | None = None,
-) -> EmbedSummary:
-    """Embed every row of the manifest at ``manifest_path`` (see ``embed_manifest``)."""
+def embed(manifest_path: str, *args: Any, **kwargs: Any) -> EmbedSummary:
+    """Embed every row of the manifest at ``manifest_path``: :func:`embed_manifest` after
+    reading (and validating) it."""
     from reid_ray.data import read_manifest
 
-    manifest = read_manifest(manifest_path)
-    return embed_manifest(
-        manifest, model_ref, out, cfg, overwrite=overwrite, progress=progress, command=command
-    )
+    return embed_manifest(read_manifest(manifest_path), *args, **kwargs)
 
 
 def _check_existing(out: str, key: str, model_ref: str, overwrite: bool) -> set[str]:
@@ -175,17 +170,12 @@ def build_dataset(
 
 
 def write_batch(batch: dict[str, np.ndarray], *, out: str, key: str, run: str) -> dict:
-    """Write one batch of Embedder output as a part of ``out/embeddings`` (and its error
-    rows as a part of ``out/errors``) on the worker; return only counts and a few error
-    examples, so the driver never holds vectors."""
-    writer = PartWriter(out, key, rows_per_part=1 << 30, run=f"{run}-{uuid.uuid4().hex[:8]}")
-    n_ok, n_bad = writer.add(batch)
-    writer.close()
-    examples = [
-        {"image_id": str(i), "reason": str(e)}
-        for i, e in zip(batch["image_id"], batch["error"], strict=True)
-        if e
-    ][:5]
+    """Write one batch of Embedder output as parts on the worker; return only counts and
+    a few error examples, so the driver never holds vectors."""
+    n_ok, n_bad, error_rows = write_batch_parts(
+        out, key, batch, run=f"{run}-{uuid.uuid4().hex[:8]}"
+    )
+    examples = [{"image_id": r["image_id"], "reason": r["reason"]} for r in error_rows[:5]]
     return {
         "embedded": np.array([n_ok]),
         "errors": np.array([n_bad]),
@@ -246,9 +236,7 @@ def embed_manifest(
     )
 
     # the driver writes only the manifest's own rejects; workers write everything else
-    writer = PartWriter(out, key)
-    writer.add_errors(manifest.errors)
-    writer.close()
+    write_errors(out, manifest.errors)
     plan: ResourcePlan | None = None
     t_pipe = time.perf_counter()
     n_embedded = n_run_errors = 0

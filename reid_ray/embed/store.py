@@ -14,7 +14,6 @@ vectors of different models are never mixed.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -111,91 +110,40 @@ def scan_existing(out: str) -> ExistingEmbeddings:
     return ExistingEmbeddings(ids_by_key, len(files))
 
 
-class PartWriter:
-    """Buffers embedding and error rows of Embedder output batches; writes them as parts
-    of ``out/embeddings`` and ``out/errors`` with the same name.
-
-    A part is written when ``rows_per_part`` embeddings are buffered or ``flush_seconds``
-    have passed since the last write, and on ``close``. Used by the driver and by the
-    writer workers of the pipeline alike (``run`` distinguishes concurrent writers).
-    """
-
-    def __init__(
-        self,
-        out: str,
-        key: str,
-        *,
-        rows_per_part: int = 2048,
-        flush_seconds: float = 60.0,
-        run: str | None = None,
-    ) -> None:
-        self.out = out
-        self.key = key
-        self.rows_per_part = int(rows_per_part)
-        self.flush_seconds = float(flush_seconds)
-        self.run = run or parts.new_run_id()
-        self.seq = 0
-        self._tables: list[pa.Table] = []
-        self._errors: list[dict] = []
-        self._buffered = 0
-        self._last = time.monotonic()
-        self.n_embedded = 0
-        self.n_errors = 0
-        self.parts: list[str] = []
-
-    def add(self, batch: dict[str, np.ndarray]) -> tuple[int, int]:
-        """Add one Embedder output batch; returns (embedded, errors) in it."""
-        errors = np.asarray(batch["error"], dtype=object)
-        ok = np.array([not e for e in errors], dtype=bool)
-        ids = np.asarray(batch["image_id"], dtype=object)
-        if ok.any():
-            self._tables.append(
-                embeddings_table(ids[ok], np.asarray(batch["embedding"])[ok], self.key)
-            )
-            self._buffered += int(ok.sum())
-        stages = batch.get("stage")
-        paths = batch.get("path")
-        for i in np.flatnonzero(~ok):
-            self._errors.append(
-                dict(
-                    image_id=ids[i],
-                    path=None if paths is None else paths[i],
-                    stage=(str(stages[i]) if stages is not None else "") or "decode",
-                    reason=str(errors[i]),
-                )
-            )
-        if self._buffered >= self.rows_per_part or (
-            time.monotonic() - self._last >= self.flush_seconds and (self._buffered or self._errors)
-        ):
-            self.flush()
-        return int(ok.sum()), int((~ok).sum())
-
-    def add_errors(self, table: pa.Table) -> None:
-        """Errors found before the pipeline (e.g. manifest rows): written with the next part."""
-        self._errors.extend(table.to_pylist())
-
-    def flush(self) -> None:
-        if not self._tables and not self._errors:
-            return
-        name = parts.part_name(self.run, self.seq)
-        # errors first: a part of embeddings is the resume unit, errors are recomputed
-        if self._errors:
-            parts.write_part(rio.join(self.out, ERRORS_DIR), errors_table(self._errors), name=name)
-            self.n_errors += len(self._errors)
-        if self._tables:
-            table = pa.concat_tables(self._tables)
-            parts.write_part(rio.join(self.out, EMBEDDINGS_DIR), table, name=name)
-            self.n_embedded += table.num_rows
-            self.parts.append(name)
-        logger.debug(
-            "wrote part %s (%d embeddings, %d errors)", name, self._buffered, len(self._errors)
+def write_batch_parts(
+    out: str, key: str, batch: dict[str, np.ndarray], *, run: str | None = None
+) -> tuple[int, int, list[dict]]:
+    """Write one batch of Embedder output (``image_id``, ``embedding``, ``error``, and
+    optionally ``path``, ``stage``) as a part of ``out/embeddings`` and its failed rows as
+    a part of ``out/errors``, under one part name (errors first: the embeddings part is the
+    resume unit). Returns (embedded, errors, the error rows)."""
+    errors = np.asarray(batch["error"], dtype=object)
+    ok = np.array([not e for e in errors], dtype=bool)
+    ids = np.asarray(batch["image_id"], dtype=object)
+    stages, paths = batch.get("stage"), batch.get("path")
+    error_rows = [
+        dict(
+            image_id=str(ids[i]),
+            path=None if paths is None or paths[i] is None else str(paths[i]),
+            stage=(str(stages[i]) if stages is not None else "") or "decode",
+            reason=str(errors[i]),
         )
-        self.seq += 1
-        self._tables, self._errors, self._buffered = [], [], 0
-        self._last = time.monotonic()
+        for i in np.flatnonzero(~ok)
+    ]
+    name = parts.part_name(run or parts.new_run_id(), 0)
+    if error_rows:
+        parts.write_part(rio.join(out, ERRORS_DIR), errors_table(error_rows), name=name)
+    if ok.any():
+        table = embeddings_table(ids[ok], np.asarray(batch["embedding"])[ok], key)
+        parts.write_part(rio.join(out, EMBEDDINGS_DIR), table, name=name)
+    logger.debug("wrote part %s (%d embeddings, %d errors)", name, ok.sum(), len(error_rows))
+    return int(ok.sum()), len(error_rows), error_rows
 
-    def close(self) -> None:
-        self.flush()
+
+def write_errors(out: str, table: pa.Table) -> None:
+    """Errors found before the pipeline (e.g. the manifest's rejects) as one part."""
+    if table.num_rows:
+        parts.write_part(rio.join(out, ERRORS_DIR), table.cast(ERRORS_SCHEMA))
 
 
 def iter_embedding_batches(
@@ -272,7 +220,6 @@ __all__ = [
     "ERRORS_SCHEMA",
     "EmbeddingSet",
     "ExistingEmbeddings",
-    "PartWriter",
     "embeddings_dir",
     "embeddings_table",
     "iter_embedding_batches",
@@ -280,4 +227,6 @@ __all__ = [
     "read_errors",
     "scan_existing",
     "table_to_matrix",
+    "write_batch_parts",
+    "write_errors",
 ]

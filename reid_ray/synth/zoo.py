@@ -650,7 +650,7 @@ def _render_chunk_task(out: str, keys, images_per, size, seed, write_here: bool)
     return rows, files
 
 
-def _render_with_ray(out, keys, images_per, size, seed, sink, bar) -> list[dict]:
+def _render_with_ray(out, keys, images_per, size, seed, sink, advance) -> list[dict]:
     """Render chunks of individuals as Ray tasks; at most two chunks in flight per CPU (Ray's
     "limit pending tasks with ray.wait" pattern), so the driver's memory does not grow with
     the zoo. Rows come back in key order."""
@@ -678,13 +678,13 @@ def _render_with_ray(out, keys, images_per, size, seed, sink, bar) -> list[dict]
             for rel, data in files:
                 sink(rel, data)
             results[pending.pop(ref)] = rows
-            bar.update(len(rows))
+            advance(len(rows))
     return [row for i in range(len(chunks)) for row in results[i]]
 
 
 def generate_zoo(out: str, *, species: int = 3, individuals: int = 30, images_per: int = 8,
                  size: int = 256, seed: int = 0, split_kind: str = "disjoint",
-                 progress: bool = False) -> ZooSummary:
+                 progress: Callable[[int, int], None] | None = None) -> ZooSummary:
     """Write a toy zoo under ``out``: ``images/<identity>/<image_id>.jpg``, ``metadata.csv``
     (image_id, path relative to ``out``, identity, species, viewpoint, bbox "x,y,w,h",
     date), ``split.csv`` (image_id, split; :func:`reid_ray.data.splits.make_split` of
@@ -693,10 +693,9 @@ def generate_zoo(out: str, *, species: int = 3, individuals: int = 30, images_pe
     ``individuals`` is the total over ``species`` species (spread evenly); each gets
     ``images_per`` images of ``size`` x ``size`` px. The same arguments give byte-identical
     files. A previous zoo's metadata is removed first, so a crash never leaves a
-    complete-looking zoo behind; the metadata is written last.
+    complete-looking zoo behind; the metadata is written last. ``progress(done, total)``
+    is called as images are written (the CLI draws it with ``reid_ray.console``).
     """
-    from tqdm.auto import tqdm
-
     from reid_ray.data.splits import make_split, write_split
 
     _check_args(species, individuals, images_per, size, seed, split_kind)
@@ -713,11 +712,18 @@ def generate_zoo(out: str, *, species: int = 3, individuals: int = 30, images_pe
     keys = [(s, k) for s in range(species) for k in range(counts[s])]
     n_images = len(keys) * images_per
     sink = _file_sink(out)
-    with tqdm(total=n_images, disable=not progress, unit="img", desc="toy zoo") as bar:
-        if n_images > RAY_MIN_IMAGES:
-            rows = _render_with_ray(out, keys, images_per, size, seed, sink, bar)
-        else:
-            rows = _render_individuals(keys, images_per, size, seed, sink, bar.update)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, n_images)
+
+    if n_images > RAY_MIN_IMAGES:
+        rows = _render_with_ray(out, keys, images_per, size, seed, sink, advance)
+    else:
+        rows = _render_individuals(keys, images_per, size, seed, sink, advance)
 
     meta = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
     write_split(make_split(meta, kind=split_kind, seed=seed), split_path)
