@@ -128,7 +128,10 @@ def _review_csv(results: pa.Table) -> bytes:
             row[f"image_{j + 1}"] = r.cand_images[j] if have else ""
         row["accept"] = "yes"
         rows.append(row)
-    return pd.DataFrame(rows).to_csv(index=False).encode()
+    columns = ["image_id", "path", "decision", "identity", "confidence"]
+    for j in range(1, REVIEW_CANDIDATES + 1):
+        columns += [f"candidate_{j}", f"confidence_{j}", f"image_{j}"]
+    return pd.DataFrame(rows, columns=[*columns, "accept"]).to_csv(index=False).encode()
 
 
 def identify(
