@@ -17,6 +17,9 @@ def benchmark_command(
     set_: list[str] = typer.Option(
         [], "--set", help="Override a setting, KEY=VALUE (e.g. --set split.seed=1); repeatable."
     ),
+    report_only: bool = typer.Option(
+        False, help="Run nothing: write the tables from the cells finished so far."
+    ),
 ) -> None:
     """Each configured method on each dataset: the paper-style table (CSV + Markdown), a
     report per dataset, the split files used. Resumable: finished cells are not redone."""
@@ -27,7 +30,9 @@ def benchmark_command(
     cfg = load_benchmark_config(config, overrides)
     with progress() as update:
         result = run_benchmark(
-            cfg, progress=lambda _cell, done, total: update("cells", done, total)
+            cfg,
+            progress=lambda _cell, done, total: update("cells", done, total),
+            report_only=report_only,
         )
     rows = []
     for dataset, cells in result["records"].items():

@@ -21,8 +21,8 @@ COLUMNS = ("dataset", "species", "method", "kind", "budget", "rerank", "per_spec
 MEASURES = (
     "top1/top5: fraction of known queries whose first correct gallery image is in the first "
     "1/5 candidates; mAP over known queries; BAKS/BAUS: balanced accuracy on known / unknown "
-    "individuals at the threshold chosen by leave-one-out on the gallery (no query looked "
-    "at); AUROC: the top-1 score as a known-vs-new detector (query vs query_unknown rows); "
+    "individuals at the known-vs-new threshold that evaluate fits on the gallery alone (no "
+    "query looked at); AUROC: the top-1 score as a known-vs-new detector (query vs query_unknown rows); "
     "seconds: wall time on this cluster (embedding is shared between cells of one model, so "
     "the first cell of a model pays it)."
 )
@@ -92,7 +92,7 @@ def paper_table(df: pd.DataFrame) -> str:
                 if hit.empty:
                     row.append("")
                 elif hit.iloc[0]["status"] != "done":
-                    row.append("failed")
+                    row.append(str(hit.iloc[0]["status"]))
                 else:
                     row.append(fmt(hit.iloc[0]))
             rows.append(row)
@@ -134,8 +134,8 @@ def dataset_report(name: str, info: dict[str, Any], cells: list[dict[str, Any]],
         lines.append("")
     failed = [c for c in cells if c.get("status") != "done"]
     if failed:
-        lines += ["## Failed cells", ""]
-        lines += [f"- {c['cell']}: {c.get('reason')}" for c in failed]
+        lines += ["## Cells failed or not run", ""]
+        lines += [f"- {c['cell']}: {c['status']}; {c.get('reason', '')}" for c in failed]
         lines.append("")
     lines += [MEASURES, ""]
     return "\n".join(lines)
@@ -204,7 +204,8 @@ def export_results(out: str, dest: str, *, note: str = "") -> dict[str, Any]:
     import os
     import platform
 
-    record = rio.read_json(rio.join(out, "manifest.json"))
+    record_path = rio.join(out, "manifest.json")
+    record = rio.read_json(record_path) if rio.exists(record_path) else {"complete": False}
     cells = [rio.read_json(p) for p in sorted(glob.glob(os.path.join(out, "cells", "*", "*.json")))]
     for c in cells:
         c.pop("traceback", None)

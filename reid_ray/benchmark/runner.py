@@ -64,17 +64,24 @@ def finished_cell(path: str, fingerprint: str) -> dict[str, Any] | None:
     return None
 
 
-def run_benchmark(cfg: BenchmarkConfig, *, progress: Progress | None = None) -> dict[str, Any]:
-    """Run (or resume) the benchmark; writes the tables and reports; returns the summary."""
+def run_benchmark(
+    cfg: BenchmarkConfig, *, progress: Progress | None = None, report_only: bool = False
+) -> dict[str, Any]:
+    """Run (or resume) the benchmark; writes the tables and reports; returns the summary.
+
+    ``report_only``: run nothing, write the tables from the cells finished so far (the
+    others are listed as ``not run``): a look at a long run while it is going on.
+    """
     from reid_ray.benchmark.report import write_outputs
     from reid_ray.parts import write_run_record
     from reid_ray.runtime import init_ray, require_shared_output
 
     t0 = time.perf_counter()
-    init_ray(cfg.ray_address, cfg.num_cpus)
-    require_shared_output(cfg.out, "the benchmark output")
-    rio.makedirs(cfg.out)
-    rio.remove(rio.join(cfg.out, "manifest.json"))
+    if not report_only:
+        init_ray(cfg.ray_address, cfg.num_cpus)
+        require_shared_output(cfg.out, "the benchmark output")
+        rio.makedirs(cfg.out)
+        rio.remove(rio.join(cfg.out, "manifest.json"))
     per_species = cfg.by_species or any(m.per_species for m in cfg.methods)
     cells = [(m, c, b) for m in cfg.methods for c, b in cell_names(m)]
     total = len(cfg.datasets) * len(cells)
@@ -93,6 +100,9 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: Progress | None = None) -> 
             if record is not None:
                 counts["done_before"] += 1
                 logger.info("benchmark %s / %s: finished before, skipped", ds.name, cell)
+            elif report_only:
+                record = {"dataset": ds.name, "cell": cell, "method": method.name,
+                          "kind": method.kind, "status": "not run"}  # fmt: skip
             else:
                 record = _run_and_record(ds, method, cfg, cell, budget, fingerprint, path)
                 counts["run"] += 1
@@ -101,8 +111,12 @@ def run_benchmark(cfg: BenchmarkConfig, *, progress: Progress | None = None) -> 
             n += 1
             if progress:
                 progress(f"{ds.name} / {cell}", n, total)
+        write_outputs(cfg, records, datasets)  # the tables so far, after every dataset
     outputs = write_outputs(cfg, records, datasets)
     seconds = round(time.perf_counter() - t0, 1)
+    if report_only:
+        return {"counts": counts, "outputs": outputs, "seconds": seconds, "records": records,
+                "datasets": datasets}  # fmt: skip
     write_run_record(
         cfg.out, "benchmark", config=to_dict(cfg), counts=counts,
         timings={"total_seconds": seconds}, outputs=outputs, datasets=datasets,
