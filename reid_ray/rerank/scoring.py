@@ -162,6 +162,20 @@ class _Pool:
         self.stats["pool"] = self.plan.to_dict()
         return self.plan.map_batches_kwargs()
 
+    def run(self, actor: type, blocks: list[pa.Table], batch_size: int, **ctor: Any):
+        """``blocks`` through a pool of ``actor(**ctor)``; yields the output batches."""
+        import ray
+
+        kwargs = self.kwargs(len(blocks))
+        ds = ray.data.from_arrow(blocks).map_batches(
+            actor,
+            fn_constructor_kwargs={**ctor, "threads": self.plan.threads},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            **kwargs,
+        )
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
 
 def score_pairs(
     pairs: pa.Table,
@@ -224,23 +238,14 @@ def score_pairs(
     t0 = time.perf_counter()
     extracted = 0
     if missing:
-        blocks = _chunks(_image_rows(manifest, set(missing)), 4)
-        kwargs = pool.kwargs(len(blocks))
-        import ray
-
-        ds = ray.data.from_arrow(blocks).map_batches(
+        for out in pool.run(
             FeatureActor,
-            fn_constructor_kwargs={
-                "cfg": cfg.to_dict(),
-                "cache_root": cache_root,
-                "fingerprint": fingerprint,
-                "threads": pool.plan.threads,
-            },
-            batch_size=4,
-            batch_format="pyarrow",
-            **kwargs,
-        )
-        for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            _chunks(_image_rows(manifest, set(missing)), 4),
+            4,
+            cfg=cfg.to_dict(),
+            cache_root=cache_root,
+            fingerprint=fingerprint,
+        ):
             for r in out.to_pylist():
                 extracted += 1
                 if not r["ok"]:
@@ -282,8 +287,6 @@ def score_pairs(
     t0 = time.perf_counter()
     matched, busy = 0, 0.0
     if len(todo):
-        import ray
-
         grouped = todo.groupby("query_id", sort=False)["gallery_id"].apply(list).reset_index()
         grouped = pa.table(
             {
@@ -291,23 +294,16 @@ def score_pairs(
                 "gallery_ids": pa.array(grouped["gallery_id"], pa.list_(pa.string())),
             }
         )
-        blocks = _chunks(grouped, cfg.queries_per_batch)
-        kwargs = pool.kwargs(len(blocks))
-        ds = ray.data.from_arrow(blocks).map_batches(
+        for out in pool.run(
             MatchActor,
-            fn_constructor_kwargs={
-                "cfg": cfg.to_dict(),
-                "cache_root": cache_root,
-                "fingerprint": fingerprint,
-                "out_dir": out_dir,
-                "unavailable": unavailable,
-                "threads": pool.plan.threads,
-            },
-            batch_size=cfg.queries_per_batch,
-            batch_format="pyarrow",
-            **kwargs,
-        )
-        for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            _chunks(grouped, cfg.queries_per_batch),
+            cfg.queries_per_batch,
+            cfg=cfg.to_dict(),
+            cache_root=cache_root,
+            fingerprint=fingerprint,
+            out_dir=out_dir,
+            unavailable=unavailable,
+        ):
             matched += int(pc.sum(out["pairs"]).as_py() or 0)
             busy += float(pc.sum(out["seconds"]).as_py() or 0.0)
             if progress:
