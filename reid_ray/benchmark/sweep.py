@@ -102,6 +102,13 @@ def al_trial(config: dict[str, Any]) -> None:
                 | {"pairs": metrics.get("budget_pairs"), "seconds": metrics.get("total_seconds")})  # fmt: skip
 
 
+def trial_dirname(trial) -> str:
+    """A short trial folder name (Tune's default spells out the whole nested config)."""
+    run = trial.config["cell"]["run"]
+    budget = str(run["budget"]).replace("%", "pct")
+    return f"{trial.config['cell']['dataset']}-{run['sampler']}-{budget}-s{run['seed']}-{trial.trial_id}"
+
+
 def _grid(cfg: SweepConfig, prepared: dict[str, Any]) -> list[dict[str, Any]]:
     settings = {"evaluate_start": False, **cfg.al}
     cells = []
@@ -151,7 +158,9 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         tuner = tune.Tuner(
             trainable,
             param_space={"cell": tune.grid_search(cells)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=cfg.max_concurrent, trial_dirname_creator=trial_dirname
+            ),
             run_config=tune.RunConfig(
                 name=cfg.name, storage_path=storage, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
