@@ -42,15 +42,33 @@ def main() -> None:
     p.add_argument(
         "--out", default=os.path.join(REPO, "benchmarks", "results", "active_toyzoo.json")
     )
+    p.add_argument("--retries", type=int, default=2, help="Reruns of a crashed run (it resumes).")
+    p.add_argument("--merge", nargs="+", help="Only merge the runs of these result files.")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.merge:
+        runs = [r for path in args.merge for r in json.load(open(path))["runs"]]
+        args.seeds = sorted({r["seed"] for r in runs})
+        _write(args, runs)
+        return
 
     from reid_ray.active.config import load_al_config
     from reid_ray.active.runner import run_al
     from reid_ray.runtime import init_ray
     from reid_ray.synth import generate_zoo
 
-    init_ray()
+    for attempt in range(3):  # a loaded machine can time out starting Ray
+        try:
+            init_ray()
+            break
+        except Exception:
+            logging.exception("Ray did not start (attempt %d)", attempt)
+            if attempt == 2:
+                raise
+            import ray
+
+            ray.shutdown()
+            time.sleep(20)
     runs = []
     for seed in args.seeds:
         zoo = os.path.join(args.work, f"zoo{seed}")
@@ -73,7 +91,14 @@ def main() -> None:
                 shutil.copytree(os.path.join(first, "rounds", "r0", "embed"),
                                 os.path.join(out, "rounds", "r0", "embed"))  # fmt: skip
             t = time.perf_counter()
-            m = run_al(cfg)
+            for attempt in range(args.retries + 1):
+                try:  # a run killed by the machine (OOM) resumes where it stopped
+                    m = run_al(cfg)
+                    break
+                except Exception:
+                    logging.exception("seed %d %s failed (attempt %d)", seed, sampler, attempt)
+                    if attempt == args.retries:
+                        raise
             first = first or out
             runs.append({
                 "seed": seed, "sampler": sampler, "wall_s": round(time.perf_counter() - t, 1),
