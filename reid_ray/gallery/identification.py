@@ -218,7 +218,8 @@ def identify(
         batch_size=cfg.search.batch_size,
     )
     wanted = set(table.column("image_id").to_pylist())
-    cands = cands.filter(pa.array([i in wanted for i in cands["image_id"].to_pylist()]))
+    keep = [i in wanted for i in cands["image_id"].to_pylist()]
+    cands = cands.filter(pa.array(keep, pa.bool_()))
     timings["search"] = time.perf_counter() - t
 
     t = time.perf_counter()
