@@ -405,10 +405,13 @@ def plot_decision(
     for curve, style, label in ((decision.curve, "-", "simulated"), (observed, "--", "queries")):
         if not curve:
             continue
-        x = curve["values"]
-        ax.step(x, curve["baks"][:-1], style, where="post", color="tab:blue",
+        # a threshold in (values[j-1], values[j]] accepts what cut j accepts: steps "pre",
+        # plus the cut above the highest score (nothing accepted)
+        v = curve["values"]
+        x = np.append(v, v[-1] + 0.02 * max(float(v[-1] - v[0]), 1e-6))
+        ax.step(x, curve["baks"], style, where="pre", color="tab:blue",
                 label=f"BAKS ({label})")  # fmt: skip
-        ax.step(x, curve["baus"][:-1], style, where="post", color="tab:orange",
+        ax.step(x, curve["baus"], style, where="pre", color="tab:orange",
                 label=f"BAUS ({label})")  # fmt: skip
     if np.isfinite(decision.threshold):
         ax.axvline(
