@@ -31,6 +31,7 @@ from typing import Any
 from reid_ray import io as rio
 from reid_ray.benchmark.config import DatasetSpec, SplitSpec
 from reid_ray.config import check, load_config, to_dict
+from reid_ray.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ class SweepConfig:
         from reid_ray.active import SAMPLERS, parse_budget
 
         check(len(self.datasets) > 0, "a sweep needs at least one dataset")
-        check(all(d.split is None or d.manifest for d in self.datasets), "bad dataset")
         for s in self.samplers:
             check(s in SAMPLERS, f"unknown sampler {s!r}; use {', '.join(SAMPLERS)}")
         for b in self.budgets:
@@ -166,7 +166,14 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             ),
         )  # fmt: skip
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except Exception as exc:  # noqa: BLE001 - e.g. the node ran out of memory mid-trial
+        write_sweep_outputs(cfg, cells)  # the trials finished so far
+        raise OutputError(
+            f"the sweep stopped ({type(exc).__name__}: {str(exc)[:300]}); the trials finished "
+            f"so far are in {cfg.out}/trials.csv. Run the same command again to resume it."
+        ) from exc
     errors = [str(r.error) for r in grid if r.error is not None]
     outputs = write_sweep_outputs(cfg, cells)
     seconds = round(time.perf_counter() - t0, 1)
