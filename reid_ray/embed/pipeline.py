@@ -259,7 +259,9 @@ def embed_manifest(
         ).map_batches(
             write_batch,
             fn_kwargs=dict(out=out, key=key, run=parts.new_run_id()),
-            batch_size=cfg.rows_per_part,
+            # parts of rows_per_part rows, smaller on small runs so that progress (one
+            # update per part written) still moves about 20 times in a run
+            batch_size=min(cfg.rows_per_part, max(16, math.ceil(todo.num_rows / 20))),
             batch_format="numpy",
             # writing a part is I/O: no CPU reserved, so it never waits behind the pool
             num_cpus=0,
