@@ -66,7 +66,8 @@ SIZES = {
     },
 }
 STAGES = ("embed", "search", "rerank", "train")
-CANDIDATES = 10  # per rerank query
+CANDIDATES = 10  # per rerank query: the other 6 images of its identity, 4 of the next one
+PER_ID = 7  # generated images per identity
 DIM = 128  # generated gallery vectors
 
 logger = logging.getLogger("scale")
@@ -114,7 +115,7 @@ class PeakRss:
 # -- generated data ------------------------------------------------------------------------
 
 
-def make_images(folder: str, n: int, seed: int = 0, per_identity: int = 7) -> str:
+def make_images(folder: str, n: int, seed: int = 0, per_identity: int = PER_ID) -> str:
     """``n`` tiny JPEGs (32-48 px): per identity a smooth random texture, per image a
     random crop, flip and noise, so SIFT finds keypoints and identities differ. Writes
     ``folder/all.csv`` (image_id, path, identity); returns it."""
@@ -123,15 +124,15 @@ def make_images(folder: str, n: int, seed: int = 0, per_identity: int = 7) -> st
 
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, "img"), exist_ok=True)
-    n_ids = max(2, n // per_identity)
     lines = ["image_id,path,identity"]
     textures = {}
     for i in range(n):
-        ident = i % n_ids
+        ident = i // per_identity  # contiguous: every prefix has whole identities
         if ident not in textures:
-            small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-            tex = cv2.resize(small, (64, 64), interpolation=cv2.INTER_CUBIC)
-            textures[ident] = tex
+            # blocky, lightly blurred: ~40 SIFT keypoints on a 40 px crop at 128 px
+            small = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            tex = cv2.resize(small, (64, 64), interpolation=cv2.INTER_NEAREST)
+            textures[ident] = cv2.GaussianBlur(tex, (3, 3), 0)
         side = int(rng.integers(32, 49))
         x, y = rng.integers(0, 64 - side + 1, 2)
         img = textures[ident][y : y + side, x : x + side].astype(np.int16)
@@ -261,7 +262,12 @@ def _raw_match_rate(pairs, manifest, cfg, threads: int, limit: int = 300) -> dic
             scorer.score(feats[q], chunk)
             seconds += time.perf_counter() - t0
             n += len(chunk)
-    return {"pairs": n, "threads": threads, "pairs_per_s": round(n / seconds, 2)}
+    return {
+        "pairs": n,
+        "threads": threads,
+        "pairs_per_s": round(n / seconds, 2),
+        "mean_keypoints": round(sum(len(f) for f in feats.values()) / len(feats), 1),
+    }
 
 
 def stage_rerank(n_pairs: int, work: str) -> dict:
@@ -273,12 +279,13 @@ def stage_rerank(n_pairs: int, work: str) -> dict:
     from reid_ray.rerank.fusion import fit_fusion
 
     n_queries = max(1, n_pairs // CANDIDATES)
-    n_images = n_queries * (CANDIDATES + 1)
+    n_images = (n_queries + 1) * PER_ID
     manifest = read_manifest(sub_manifest(os.path.join(work, "images", "all.csv"), n_images))
     ids = manifest.table["image_id"].to_pylist()
-    # every query has its own candidates: extraction and matching both grow 10x
+    # each query's candidates: its own identity (real matches to verify) and the next one;
+    # extraction (per image) and matching (per pair) both grow 10x
     pairs = [
-        (ids[q], ids[n_queries + q * CANDIDATES + c])
+        (ids[PER_ID * q], ids[PER_ID * (q + c // (PER_ID - 1)) + 1 + c % (PER_ID - 1)])
         for q in range(n_queries)
         for c in range(CANDIDATES)
     ]
@@ -313,6 +320,9 @@ def stage_rerank(n_pairs: int, work: str) -> dict:
         "queries": n_queries,
         "images": n_images,
         "pairs_unscored": scored,
+        "pairs_with_matches": int(
+            sum(1 for v in res.ranked.column("local_score").to_pylist() if v and v > 0)
+        ),
         "errors": res.errors.num_rows,
         "seconds": round(wall, 2),
         "pairs_per_s": round(len(pairs) / wall, 1),
@@ -377,7 +387,9 @@ def run_child(stage: str, n: int, work: str, result: str) -> None:
     route_ray_logs(os.path.join(work, f"ray-{stage}-{n}.log"))
     ray.init(
         address="local",
-        num_cpus=os.cpu_count(),
+        # search: 8 logical CPUs, so that the searcher pool leaves a whole CPU to the
+        # read_parquet tasks (below 8 CPUs it leaves 0.5 and the reads never schedule)
+        num_cpus=max(8, os.cpu_count() or 1) if stage == "search" else os.cpu_count(),
         object_store_memory=400 * 1024 * 1024,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
@@ -427,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     need = max(
         [sizes[s][1] for s in ("embed", "train") if s in stages]
-        + [sizes["rerank"][1] // CANDIDATES * (CANDIDATES + 1)] * ("rerank" in stages)
+        + [(sizes["rerank"][1] // CANDIDATES + 1) * PER_ID] * ("rerank" in stages)
         + [1]
     )
     make_images(os.path.join(work, "images"), need)
