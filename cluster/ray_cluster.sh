@@ -21,6 +21,10 @@
 # or as soon as the process it waits for has died.
 
 RR_PIDS=()
+# Ray gives its dashboard (the job API) 60 s and its node agents 30 s to start; busy nodes
+# (or a busy shared file system) need longer.
+export RAY_DASHBOARD_STARTUP_TIMEOUT_S=${RAY_DASHBOARD_STARTUP_TIMEOUT_S:-300}
+export RAY_agent_register_timeout_ms=${RAY_agent_register_timeout_ms:-300000}
 
 rr_log() { echo "[reid-ray $(date -u +%H:%M:%S)] $*" >&2; }
 
@@ -86,17 +90,20 @@ _rr_alive_or_fail() {
     done
 }
 
-rr_wait_gcs() {
-    local ip=${1:?ip} port=${2:?port} timeout=${3:-120} start=$SECONDS
-    until (exec 3<>"/dev/tcp/$ip/$port") 2>/dev/null; do
+_rr_poll() {
+    # _rr_poll WHAT TIMEOUT INTERVAL CMD...: until CMD succeeds; fails after TIMEOUT seconds
+    # or as soon as a process started here has died
+    local what=$1 timeout=$2 interval=$3 start=$SECONDS
+    shift 3
+    until "$@" >/dev/null 2>&1; do
         _rr_alive_or_fail || return 1
         if ((SECONDS - start >= timeout)); then
-            rr_log "GCS $ip:$port not reachable after ${timeout}s"
+            rr_log "$what: not ready after ${timeout}s"
             return 1
         fi
-        sleep 1
+        sleep "$interval"
     done
-    rr_log "GCS $ip:$port is up after $((SECONDS - start))s"
+    rr_log "$what: ready after $((SECONDS - start))s"
 }
 
 rr_count_nodes() {
@@ -105,33 +112,12 @@ rr_count_nodes() {
         awk '/^Active:/{a=1;next} /^(Pending|Recent failures):/{a=0} a&&$2~/^node_/{n+=$1} END{print n+0}'
 }
 
-rr_wait_nodes() {
-    local address=${1:?address} want=${2:?nodes} timeout=${3:-300} start=$SECONDS have=0
-    while :; do
-        have=$(rr_count_nodes "$address")
-        ((have >= want)) && break
-        _rr_alive_or_fail || return 1
-        if ((SECONDS - start >= timeout)); then
-            rr_log "only $have of $want Ray nodes alive after ${timeout}s"
-            return 1
-        fi
-        sleep 2
-    done
-    rr_log "$have Ray node(s) alive after $((SECONDS - start))s"
-}
+_rr_gcs_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+_rr_enough_nodes() { (($(rr_count_nodes "$1") >= $2)); }
 
-rr_wait_dashboard() {
-    local url=${1:?dashboard url} timeout=${2:-120} start=$SECONDS
-    until ray job list --address="$url" >/dev/null 2>&1; do
-        _rr_alive_or_fail || return 1
-        if ((SECONDS - start >= timeout)); then
-            rr_log "job API at $url not answering after ${timeout}s"
-            return 1
-        fi
-        sleep 2
-    done
-    rr_log "job API at $url is up"
-}
+rr_wait_gcs() { _rr_poll "GCS $1:$2" "${3:-120}" 1 _rr_gcs_open "$1" "$2"; }
+rr_wait_nodes() { _rr_poll "$2 Ray node(s) alive at $1" "${3:-300}" 2 _rr_enough_nodes "$1" "$2"; }
+rr_wait_dashboard() { _rr_poll "job API at $1" "${2:-120}" 2 ray job list --address="$1"; }
 
 rr_submit() {
     # rr_submit URL SUBMISSION_ID [ray job submit options] -- CMD...; fails unless SUCCEEDED

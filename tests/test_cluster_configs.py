@@ -95,7 +95,7 @@ def test_gcs_wait_times_out_with_a_message():
     script = "source cluster/ray_cluster.sh; rr_wait_gcs 127.0.0.2 9 2; echo rc=$?"
     run = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)  # fmt: skip
-    assert "rc=1" in run.stdout and "not reachable after 2s" in run.stderr
+    assert "rc=1" in run.stdout and "GCS 127.0.0.2:9: not ready after 2s" in run.stderr
 
 
 def test_readme_names_files_that_exist():
