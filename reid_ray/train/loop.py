@@ -28,7 +28,7 @@ from reid_ray.runtime import set_threads
 from reid_ray.train.augment import TrainAugment
 from reid_ray.train.config import TrainConfig
 from reid_ray.train.losses import DynamicSubCenterArcFaceLoss
-from reid_ray.train.sampler import pk_batches
+from reid_ray.train.sampler import stream_pk_batches
 from reid_ray.train.validate import embed_batches, leave_one_out_metrics
 
 logger = logging.getLogger(__name__)
@@ -102,19 +102,12 @@ def _epoch_batches(shard, cfg: TrainConfig, epoch: int, rank: int, device):
     """One epoch of ``{"image", "label"}`` tensors from this worker's shard."""
     seed = cfg.seed * 100_003 + epoch * 101 + rank
     if cfg.sampler == "pk":
-        images, labels = [], []
-        for b in shard.iter_batches(batch_size=256, batch_format="numpy"):
-            images.append(b["image"])
-            labels.append(np.asarray(b["label"], dtype=np.int64))
-        if not images:
-            return
-        images_np, labels_np = np.concatenate(images), np.concatenate(labels)
         rng = np.random.default_rng(seed)
-        for idx in pk_batches(labels_np, cfg.batch_size // cfg.pk_k, cfg.pk_k, rng):
-            yield {
-                "image": torch.from_numpy(images_np[idx]),
-                "label": torch.from_numpy(labels_np[idx]),
-            }
+        p = cfg.batch_size // cfg.pk_k
+        window = max(cfg.shuffle_buffer, 8 * cfg.batch_size)
+        stream = shard.iter_batches(batch_size=64, batch_format="numpy")
+        for b in stream_pk_batches(stream, p, cfg.pk_k, rng, window):
+            yield {"image": torch.from_numpy(b["image"]), "label": torch.from_numpy(b["label"])}
         return
     yield from shard.iter_torch_batches(
         batch_size=cfg.batch_size,

@@ -63,3 +63,13 @@ def split_calibration(train: pa.Table, held_out: list[str]) -> tuple[pa.Table, p
         return train, train.slice(0, 0)
     mask = pc.is_in(train["identity"], value_set=pa.array(held_out, type=train["identity"].type))
     return train.filter(pc.invert(mask)), train.filter(mask)
+
+
+def group_by_identity(train: pa.Table, seed: int) -> pa.Table:
+    """Rows of one identity next to each other, identities in a seeded random order: the
+    blocks a worker streams then hold whole identities, which the streaming P x K sampler
+    (:func:`reid_ray.train.sampler.stream_pk_batches`) needs to find K images of each."""
+    ids = np.asarray(train["identity"].to_pylist(), dtype=str)
+    classes, inverse = np.unique(ids, return_inverse=True)
+    rank = np.random.default_rng(seed).permutation(len(classes))[inverse]
+    return train.take(pa.array(np.argsort(rank, kind="stable")))

@@ -48,6 +48,7 @@ from reid_ray.train.outdir import RUN_NAME, completed_run, config_record, prepar
 from reid_ray.train.rows import (
     calibration_identities,
     class_table,
+    group_by_identity,
     select_training_rows,
     split_calibration,
 )
@@ -208,6 +209,8 @@ def train(
             f"ArcFace needs at least 2 identities in the training rows, found {len(classes)}"
         )
     class_index = {c: i for i, c in enumerate(classes)}
+    if cfg.sampler == "pk":
+        train_rows = group_by_identity(train_rows, cfg.seed)
     margins = dynamic_margins(
         class_counts, cfg.loss.margin, cfg.loss.margin_min, cfg.loss.margin_lambda
     )
