@@ -55,6 +55,7 @@ def _env():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # two short AL runs; 15 min was not enough on a loaded machine
 def test_killed_al_run_resumes_after_its_last_finished_round(zoo, tmp_path):
     out = str(tmp_path / "al")
     r0 = os.path.join(out, "rounds", "r0", "round.json")
