@@ -213,15 +213,22 @@ class QuerySearcher:
         )
 
 
-def _query_dataset(embeddings: str, files: list[str]):
-    """The embedding parts as a Ray Dataset (workers read them; the driver never does)."""
+def _query_dataset(embeddings: str, files: list[str], read_cpus: float):
+    """The embedding parts as a Ray Dataset (workers read them; the driver never does).
+    Read tasks take ``read_cpus`` (what the searcher pool leaves): a default 1-CPU read
+    task never schedules beside a pool holding all but half a CPU."""
     import ray.data
 
     from reid_ray.embed.store import EMBEDDINGS_SCHEMA
 
     fs, _ = rio.arrow_filesystem(files[0])
     bare = [rio.arrow_filesystem(f)[1] for f in files]
-    return ray.data.read_parquet(bare, filesystem=fs, schema=EMBEDDINGS_SCHEMA)
+    return ray.data.read_parquet(
+        bare,
+        filesystem=fs,
+        schema=EMBEDDINGS_SCHEMA,
+        ray_remote_args={"num_cpus": read_cpus},
+    )
 
 
 def search_embeddings(
@@ -274,7 +281,8 @@ def search_embeddings(
         init_ray()
         require_shared_output(out, "search --out")
         pool = plan_pool(cluster_view(), device="cpu", actors=actors)
-        counts = _query_dataset(embeddings, files).map_batches(
+        read_cpus = max(0.1, min(1.0, pool.free_cpus))
+        counts = _query_dataset(embeddings, files, read_cpus).map_batches(
             QuerySearcher,
             fn_constructor_args=(index, folder),
             fn_constructor_kwargs=dict(searcher_kwargs, threads=pool.threads),
