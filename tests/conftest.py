@@ -36,6 +36,7 @@ def ray_cluster(s3_server):
         return
     tmp = tempfile.mkdtemp(prefix="rr-ray-", dir="/tmp")
     ray.init(
+        address="local",  # never join a cluster another process left running on this host
         num_cpus=2,
         object_store_memory=300 * 1024 * 1024,
         include_dashboard=False,

@@ -200,8 +200,6 @@ def _sorted_candidates(out: str) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="not yet seen to finish: timed out twice on a 2-core machine at load "
-                  "100 (the read tasks' CPU share was fixed in between); rerun on a quiet machine")
 def test_search_over_actors_equals_search_in_process(ray_cluster, tmp_path, s3_bucket):
     """Query shards searched by an actor pool (an index replica each), reading and writing
     on S3, give exactly the in-process candidates; the driver only counts."""

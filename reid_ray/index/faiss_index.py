@@ -215,16 +215,21 @@ def save_index(index: GalleryIndex, folder: str, meta: dict[str, Any] | None = N
     rio.write_json_atomic(rio.join(folder, META_FILE), {**index.describe(), **(meta or {})})
 
 
+def read_index_meta(folder: str) -> dict:
+    """An index folder's metadata (kind, n, dim, key ...) without loading the index."""
+    meta_path = rio.join(folder, META_FILE)
+    if not rio.exists(meta_path):
+        raise OutputError(f"no index in {folder} (no {META_FILE}): run `reid-ray index` first")
+    return rio.read_json(meta_path)
+
+
 def load_index(folder: str, *, use_gpu: bool | str = "auto") -> GalleryIndex:
     """Read an index folder written by ``save_index`` (or ``reid-ray index``)."""
     import faiss
 
     from reid_ray.parts import read_part
 
-    meta_path = rio.join(folder, META_FILE)
-    if not rio.exists(meta_path):
-        raise OutputError(f"no index in {folder} (no {META_FILE}): run `reid-ray index` first")
-    meta = rio.read_json(meta_path)
+    meta = read_index_meta(folder)
     raw = np.frombuffer(rio.read_bytes(rio.join(folder, INDEX_FILE)), dtype=np.uint8)
     index = faiss.deserialize_index(raw)
     ids = np.asarray(read_part(rio.join(folder, IDS_FILE)).column("gallery_id").to_pylist(), object)

@@ -26,6 +26,7 @@ from reid_ray.index.faiss_index import (
     DEFAULT_K,
     build_index,
     load_index,
+    read_index_meta,
     save_index,
     search,
 )
@@ -213,21 +214,24 @@ class QuerySearcher:
         )
 
 
-def _query_dataset(embeddings: str, files: list[str], read_cpus: float):
-    """The embedding parts as a Ray Dataset (workers read them; the driver never does).
-    Read tasks take ``read_cpus`` (what the searcher pool leaves): a default 1-CPU read
-    task never schedules beside a pool holding all but half a CPU."""
-    import ray.data
-
+def _read_parts_batch(batch: dict) -> pa.Table:
     from reid_ray.embed.store import EMBEDDINGS_SCHEMA
 
-    fs, _ = rio.arrow_filesystem(files[0])
-    bare = [rio.arrow_filesystem(f)[1] for f in files]
-    return ray.data.read_parquet(
-        bare,
-        filesystem=fs,
-        schema=EMBEDDINGS_SCHEMA,
-        ray_remote_args={"num_cpus": read_cpus},
+    return pa.concat_tables(
+        [parts.read_part(str(p)).cast(EMBEDDINGS_SCHEMA) for p in batch["path"]]
+    )
+
+
+def _query_dataset(embeddings: str, files: list[str], read_cpus: float):
+    """The embedding parts as a Ray Dataset (workers read them; the driver never does).
+
+    One read task per part at ``read_cpus`` (what the searcher pool leaves): Ray Data's
+    ``read_parquet`` also runs a file-listing task at a whole CPU, which never schedules
+    beside a pool holding all but half a CPU (it hung on 2 cores)."""
+    import ray.data
+
+    return ray.data.from_items([{"path": f} for f in files]).map_batches(
+        _read_parts_batch, batch_size=1, batch_format="numpy", num_cpus=read_cpus
     )
 
 
@@ -260,7 +264,7 @@ def search_embeddings(
     if actors < 0 or batch_size < 1:
         raise ConfigError(f"actors must be >= 0 and batch_size >= 1, got {actors}, {batch_size}")
     t0 = time.perf_counter()
-    gi = load_index(index)  # fails fast on a missing index; its metadata goes in the record
+    meta = read_index_meta(index)  # fails fast on a missing index; the driver never loads it
     wanted: list[str] | None = None
     if manifest:
         wanted = sorted(set(select_rows(manifest, split, splits)["image_id"].to_pylist()))
@@ -322,10 +326,10 @@ def search_embeddings(
         counts={"queries": n_queries, "missing_queries": n_missing, "candidates": n_candidates},
         timings={"seconds": seconds, "queries_per_second": summary.queries_per_second},
         index=index,
-        index_kind=gi.kind,
-        gallery_size=len(gi),
+        index_kind=meta["kind"],
+        gallery_size=int(meta["n"]),
         embeddings=embeddings,
-        model_key=gi.key,
+        model_key=meta.get("key"),
         manifest=manifest,
         split=split,
         splits=list(splits) if manifest else None,

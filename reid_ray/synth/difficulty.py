@@ -32,8 +32,10 @@ def query_gallery(zoo_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     meta = pd.read_csv(io.join(zoo_dir, "metadata.csv"), dtype=str, keep_default_na=False)
     meta = meta.merge(read_split(io.join(zoo_dir, "split.csv")), on="image_id")
     meta["file"] = [io.resolve(p, zoo_dir) for p in meta["path"]]
-    return (meta[meta["split"] == "query"].reset_index(drop=True),
-            meta[meta["split"] == "gallery"].reset_index(drop=True))
+    return (
+        meta[meta["split"] == "query"].reset_index(drop=True),
+        meta[meta["split"] == "gallery"].reset_index(drop=True),
+    )
 
 
 def _read(path: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
@@ -54,7 +56,7 @@ def random_net_similarity(query_files, gallery_files, input_size: int = 128) -> 
         out = []
         for i in range(0, len(files), 64):
             batch = []
-            for f in files[i:i + 64]:
+            for f in files[i : i + 64]:
                 rgb = cv2.cvtColor(_read(f), cv2.COLOR_BGR2RGB)
                 rgb = cv2.resize(rgb, (input_size, input_size), interpolation=cv2.INTER_AREA)
                 batch.append(((rgb.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
@@ -80,8 +82,9 @@ def model_similarity(query_files, gallery_files, ref: str) -> np.ndarray:
     def embed(files) -> np.ndarray:
         out = []
         for i in range(0, len(files), 32):
-            batch = np.stack([pre.prepare(cv2.cvtColor(_read(f), cv2.COLOR_BGR2RGB))
-                              for f in files[i:i + 32]])
+            batch = np.stack(
+                [pre.prepare(cv2.cvtColor(_read(f), cv2.COLOR_BGR2RGB)) for f in files[i : i + 32]]
+            )
             with torch.no_grad():
                 emb = loaded.model(pre.normalize(batch))
             out.append(torch.nn.functional.normalize(emb, dim=1).numpy())
@@ -112,8 +115,9 @@ def sift_inliers(a, b, ratio: float = 0.8, threshold: float = 4.0) -> int:
         return 0
     src = pa[[m.queryIdx for m in good]]
     dst = pb[[m.trainIdx for m in good]]
-    h_mat, mask = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, threshold, maxIters=2000,
-                                     confidence=0.999)
+    h_mat, mask = cv2.findHomography(
+        src, dst, cv2.USAC_MAGSAC, threshold, maxIters=2000, confidence=0.999
+    )
     return 0 if h_mat is None or mask is None else int(mask.sum())
 
 
@@ -135,10 +139,11 @@ def difficulty(zoo_dir: str, methods=("random_net", "sift"), models=()) -> dict:
     queries, gallery = query_gallery(zoo_dir)
     n_per_species = gallery.groupby("species")["identity"].nunique()
     report: dict = {
-        "zoo": zoo_dir, "n_queries": len(queries), "n_gallery": len(gallery),
+        "zoo": zoo_dir,
+        "n_queries": len(queries),
+        "n_gallery": len(gallery),
         "gallery_identities": int(gallery["identity"].nunique()),
-        "species_chance_top1": float(np.mean([1.0 / n_per_species[s]
-                                              for s in queries["species"]])),
+        "species_chance_top1": float(np.mean([1.0 / n_per_species[s] for s in queries["species"]])),
     }
     fns = {"random_net": random_net_similarity, "sift": sift_similarity}
     fns.update({ref: (lambda q, g, ref=ref: model_similarity(q, g, ref)) for ref in models})
@@ -154,10 +159,12 @@ def difficulty(zoo_dir: str, methods=("random_net", "sift"), models=()) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("zoo_dir")
-    parser.add_argument("--methods", default="random_net,sift",
-                        help="comma-separated: random_net, sift")
-    parser.add_argument("--model", action="append", default=[],
-                        help="also score this model reference (repeatable)")
+    parser.add_argument(
+        "--methods", default="random_net,sift", help="comma-separated: random_net, sift"
+    )
+    parser.add_argument(
+        "--model", action="append", default=[], help="also score this model reference (repeatable)"
+    )
     args = parser.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
     report = difficulty(args.zoo_dir, methods, tuple(args.model))

@@ -192,6 +192,9 @@ def train(
 
     t_start = time.perf_counter()
     cfg = replace(config or TrainConfig(), model=model_ref, epochs=epochs, workers=workers)
+    # refuse a local --out on a multi-node cluster before any slow work
+    init_ray(log_file=None if rio.is_remote(out) else rio.join(out, "ray.log"))
+    require_shared_output(out, "--out")
     manifest = read_manifest(manifest_path, split_path)
     labelled, val_rows, counts = select_training_rows(manifest)
     if labelled.num_rows == 0:
@@ -226,8 +229,6 @@ def train(
         return dict(done, skipped=True)
     rio.remove(rio.join(out, "manifest.json"))  # a run in progress must not look complete
 
-    init_ray(log_file=None if rio.is_remote(out) else rio.join(out, "ray.log"))
-    require_shared_output(out, "--out")
     plan = plan_workers(cluster_view(), cfg)
     resources = {
         "CPU": plan.cpus_per_actor,
