@@ -8,7 +8,8 @@ Thin: the YAML names datasets, samplers, budgets, seeds and resources per trial;
 with the same output restores the Tune experiment: finished trials are not redone.
 """
 
-from reid_ray.benchmark.commands import run_as_job, sweep_command
+from reid_ray.benchmark.commands import sweep_command
+from reid_ray.console import run_as_job
 
 if __name__ == "__main__":
     run_as_job(sweep_command)

@@ -9,7 +9,8 @@ Joins the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else starts
 A rerun with the same output resumes: finished dataset x method cells are not redone.
 """
 
-from reid_ray.benchmark.commands import benchmark_command, run_as_job
+from reid_ray.benchmark.commands import benchmark_command
+from reid_ray.console import run_as_job
 
 if __name__ == "__main__":
     run_as_job(benchmark_command)

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import typer
 
-from reid_ray.console import setup_logging
-from reid_ray.errors import ReidRayError
+from reid_ray.console import run_as_job
 
 logger = logging.getLogger("nightly_reid")
 
@@ -66,16 +64,5 @@ def nightly(
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
-def main() -> None:
-    setup_logging()
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(nightly)
-    try:
-        app()
-    except ReidRayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    main()
+    run_as_job(nightly)

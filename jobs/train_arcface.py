@@ -11,25 +11,8 @@ sets it), else starts a local one.
 
 from __future__ import annotations
 
-import sys
-
-import typer
-
-from reid_ray.console import setup_logging
-from reid_ray.errors import ReidRayError
+from reid_ray.console import run_as_job
 from reid_ray.train.commands import train_command
 
-
-def main() -> None:
-    setup_logging()
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(train_command)
-    try:
-        app()
-    except ReidRayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    main()
+    run_as_job(train_command)

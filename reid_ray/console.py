@@ -218,6 +218,25 @@ def metrics_table(title: str, header: list[str], rows: Iterable[Iterable[Any]]) 
     console().print(table)
 
 
+def run_as_job(command: Callable[..., Any]) -> None:
+    """``python jobs/NAME.py --config F ...``: ``command`` (a typer-annotated function) as a
+    one-command app; a ``ReidRayError`` becomes one line on stderr and exit status 2."""
+    import sys
+
+    import typer
+
+    from reid_ray.errors import ReidRayError
+
+    setup_logging()
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    try:
+        app()
+    except ReidRayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 __all__ = [
     "ProgressFn",
     "console",
@@ -225,6 +244,7 @@ __all__ = [
     "progress",
     "ray_log_path",
     "route_ray_logs",
+    "run_as_job",
     "setup_logging",
     "stage_progress",
     "summary",

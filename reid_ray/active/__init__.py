@@ -9,7 +9,7 @@ and answers files), ``annotate`` (the local annotation page). ``runner`` drives 
 public entry points. Names are imported on first use.
 """
 
-import importlib
+from reid_ray.lazy import lazy_getattr
 
 _EXPORTS = {
     "KnnGraph": "graph",
@@ -39,11 +39,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'reid_ray.active' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"reid_ray.active.{module}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

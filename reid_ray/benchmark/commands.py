@@ -89,21 +89,3 @@ def sweep_command(
     )
     if result["errors"]:
         summary("first errors", [(str(i), e[:200]) for i, e in enumerate(result["errors"][:3])])
-
-
-def run_as_job(command) -> None:
-    """``python jobs/NAME.py --config F ...``: ``command`` as a one-command typer app; a
-    ``ReidRayError`` becomes one line on stderr and exit status 2."""
-    import sys
-
-    from reid_ray.console import setup_logging
-    from reid_ray.errors import ReidRayError
-
-    setup_logging()
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    try:
-        app()
-    except ReidRayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

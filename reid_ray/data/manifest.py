@@ -88,6 +88,18 @@ class Manifest:
         mask = pc.fill_null(mask, False)
         return Manifest(self.table.filter(mask), self.errors, list(self.warnings), self.source)
 
+    def identity_of(self) -> dict[str, str]:
+        """image_id -> identity for the labelled rows (the one lookup every stage uses)."""
+        if "identity" not in self.table.column_names:
+            return {}
+        return {
+            i: v
+            for i, v in zip(
+                self.table["image_id"].to_pylist(), self.table["identity"].to_pylist(), strict=True
+            )
+            if v is not None
+        }
+
     def labelled(self) -> Manifest:
         import pyarrow.compute as pc
 

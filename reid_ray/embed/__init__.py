@@ -6,7 +6,7 @@
 Names are imported on first use, so ``reid-ray --help`` stays fast.
 """
 
-import importlib
+from reid_ray.lazy import lazy_getattr
 
 _EXPORTS = {
     "EmbedConfig": "config",
@@ -30,11 +30,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'reid_ray.embed' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"reid_ray.embed.{module}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

@@ -5,7 +5,7 @@
 behind ``reid-ray evaluate``. Names are imported on first use.
 """
 
-import importlib
+from reid_ray.lazy import lazy_getattr
 
 _EXPORTS = {
     "cluster_metrics": "metrics",
@@ -19,11 +19,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'reid_ray.evaluation' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"reid_ray.evaluation.{module}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

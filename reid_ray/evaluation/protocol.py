@@ -45,7 +45,7 @@ KS = (1, 5, 20)
 QUERIES_PER_PART = 10_000
 
 
-def _identities(ids: np.ndarray, identity_of: dict[str, str | None]) -> np.ndarray:
+def identities_of_ids(ids: np.ndarray, identity_of: dict[str, str | None]) -> np.ndarray:
     """Map an array of image ids (``None`` pads) to identities, keeping the shape."""
     flat = [None if i is None else identity_of.get(i) for i in np.asarray(ids).ravel().tolist()]
     return np.asarray(flat, dtype=object).reshape(np.shape(ids))
@@ -75,8 +75,8 @@ def score_ranking(
     )
 
     qids = np.asarray(query_ids, dtype=object)
-    true = _identities(qids, identity_of)
-    ranked = _identities(cand_ids, identity_of)
+    true = identities_of_ids(qids, identity_of)
+    ranked = identities_of_ids(cand_ids, identity_of)
     values, counts = np.unique(np.asarray(gallery_identities, dtype=str), return_counts=True)
     count_of = dict(zip(values.tolist(), counts.tolist(), strict=True))
     known_rows = np.array([q not in unknown_ids for q in qids.tolist()], dtype=bool)
@@ -125,9 +125,9 @@ def _heldout_ids(model_ref: str) -> frozenset[str] | None:
 
 def _top1(query_ids, scores, cand, identity_of, unknown_ids):
     """Top-1 score, whether it is right, and the true identity, split known / unknown."""
-    true = _identities(np.asarray(query_ids, dtype=object), identity_of)
+    true = identities_of_ids(np.asarray(query_ids, dtype=object), identity_of)
     top_score = scores[:, 0].astype(np.float64) if scores.shape[1] else np.full(len(true), -np.inf)
-    top_id = _identities(cand[:, 0], identity_of) if cand.shape[1] else np.full(len(true), None)
+    top_id = identities_of_ids(cand[:, 0], identity_of) if cand.shape[1] else np.full(len(true), None)
     unknown = np.array([q in unknown_ids for q in np.asarray(query_ids).tolist()], dtype=bool)
     right = np.array([t == p for t, p in zip(true.tolist(), top_id.tolist(), strict=True)])
     return top_score, right.astype(bool), true.astype(str), unknown
@@ -240,13 +240,13 @@ def evaluate(
             "(split names: query, gallery, query_unknown)"
         )
     ids_all = selected.table["image_id"].to_pylist()
-    identity_of = dict(zip(ids_all, selected.table["identity"].to_pylist(), strict=True))
+    identity_of = selected.identity_of()
     split_of = dict(zip(ids_all, split_col, strict=True))
     session_of = None
     if "date" in selected.table.column_names:
         dates = [None if d is None else str(d) for d in selected.table["date"].to_pylist()]
         session_of = {i: d for i, d in zip(ids_all, dates, strict=True) if d}
-    unlabelled = [i for i in ids_all if identity_of[i] is None]
+    unlabelled = [i for i in ids_all if identity_of.get(i) is None]
     if unlabelled:
         raise ConfigError(
             f"{len(unlabelled)} query/gallery row(s) have no identity (e.g. {unlabelled[0]!r}): "
@@ -280,7 +280,7 @@ def evaluate(
     if len(g_rows) == 0:
         raise ConfigError(f"no gallery image could be embedded (see {embed_out}/errors)")
     gallery_ids = emb.ids[g_rows]
-    gallery_identities = _identities(gallery_ids, identity_of)
+    gallery_identities = identities_of_ids(gallery_ids, identity_of)
 
     # 2. index + search
     t = time.perf_counter()

@@ -8,7 +8,7 @@ calibration and grouping; ``searcher.py`` the Ray actor pool that searches; ``bu
 Names are imported on first use, so ``reid-ray --help`` stays fast.
 """
 
-import importlib
+from reid_ray.lazy import lazy_getattr
 
 _EXPORTS = {
     "NightlyConfig": "config",
@@ -26,11 +26,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'reid_ray.gallery' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"reid_ray.gallery.{module}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

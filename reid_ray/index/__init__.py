@@ -5,7 +5,7 @@
 Names are imported on first use (FAISS only when an index is built or read).
 """
 
-import importlib
+from reid_ray.lazy import lazy_getattr
 
 _EXPORTS = {
     "CANDIDATES_SCHEMA": "candidates",
@@ -25,11 +25,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'reid_ray.index' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"reid_ray.index.{module}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)

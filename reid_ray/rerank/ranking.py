@@ -39,15 +39,8 @@ CALIBRATION_SCHEMA = pa.schema(
 
 
 def identities(manifest) -> dict[str, str]:
-    """image_id -> identity for the labelled rows of ``manifest``."""
-    t = as_manifest(manifest).table
-    if "identity" not in t.column_names:
-        return {}
-    return {
-        i: v
-        for i, v in zip(t["image_id"].to_pylist(), t["identity"].to_pylist(), strict=True)
-        if v is not None
-    }
+    """image_id -> identity for the labelled rows of ``manifest`` (path or Manifest)."""
+    return as_manifest(manifest).identity_of()
 
 
 def candidates_frame(table: pa.Table, what: str):
