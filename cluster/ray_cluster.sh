@@ -125,7 +125,9 @@ rr_submit() {
     shift 2
     ray job submit --address="$url" --submission-id="$id" "$@" || true
     local status
-    status=$(ray job status --address="$url" "$id" 2>&1 | grep -o -E 'SUCCEEDED|FAILED|STOPPED' | tail -n 1)
+    # `ray job status` prints "Job 'ID' succeeded" (or failed / was stopped), or the raw status
+    status=$(ray job status --address="$url" "$id" 2>&1 | grep -o -i -E 'succeeded|failed|stopped' |
+        tail -n 1 | tr '[:lower:]' '[:upper:]')
     rr_log "job $id: ${status:-UNKNOWN}"
     [[ "$status" == SUCCEEDED ]]
 }

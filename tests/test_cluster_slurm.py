@@ -145,10 +145,6 @@ python {tmp_path / "submit.py"} http://{IP}:{dash} {result} {workdir}
     assert _leftovers(f"/tmp/rr-{job_id}") == []  # every Ray process it started is gone
 
 
-@pytest.mark.skip(
-    reason="open defect: the job SUCCEEDED (Ray job API) and merged v0002, but the script "
-    "exited 1 after its status check (rr_submit); to be fixed in cluster/ray_cluster.sh"
-)
 def test_sbatch_script_submits_the_nightly_job(ray_env, tmp_path):
     import pandas as pd
 
