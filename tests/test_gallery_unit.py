@@ -129,3 +129,53 @@ def test_nightly_config_rejects_unknown_keys():
         load_nightly_config({"serach": {"k": 10}})
     with pytest.raises(ConfigError, match="search.k"):
         load_nightly_config({"search": {"k": 0}})
+
+
+def _calibration_pairs(n_queries: int, seed: int = 0):
+    """Scored calibration pairs as ``rerank_candidates`` returns them: per query one same
+    pair (high probability for most queries) and five other-identity pairs (low)."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for q in range(n_queries):
+        p_same = rng.uniform(0.6, 0.95) if q % 5 else rng.uniform(0.0, 0.2)  # 1 in 5 missed
+        rows.append((f"q{q}", f"g{q}-same", 1, p_same, True))
+        for j in range(5):
+            rows.append((f"q{q}", f"g{q}-{j}", j + 2, rng.uniform(0.05, 0.4), False))
+    q, g, rank, p, same = zip(*rows, strict=True)
+    table = pa.table(
+        {
+            "query_id": list(q),
+            "gallery_id": list(g),
+            "rank": pa.array(rank, pa.int32()),
+            "global_score": list(p),
+            "local_score": list(p),
+            "fused_score": list(p),
+            "probability": list(p),
+            "same": list(same),
+        }
+    )
+    return table, {f"q{i}": f"id{i // 2}" for i in range(n_queries)}
+
+
+def test_rerank_decision_is_fitted_on_simulated_known_and_absent_queries():
+    from reid_ray.gallery.reranking import fit_rerank_decision
+
+    table, identity_of = _calibration_pairs(40)
+    threshold, decision = fit_rerank_decision(table, identity_of, seed=0)
+    # known samples: the top pair (same for 4 in 5 queries); absent: the best other pair
+    assert decision["n_known"] == decision["n_unknown"] == 40
+    assert 0.4 < threshold <= 0.6  # between the best negatives and the right top pairs
+    assert decision["threshold_source"].startswith("simulated open set")
+    assert decision["simulated"]["baus"] == pytest.approx(1.0)
+    assert decision["score"] == "top-1 calibrated fused probability"
+
+
+def test_rerank_decision_falls_back_to_one_half_without_absent_samples():
+    from reid_ray.gallery.reranking import fit_rerank_decision
+
+    table, identity_of = _calibration_pairs(10)
+    only_same = table.filter(table["same"])
+    threshold, decision = fit_rerank_decision(only_same, identity_of, seed=0)
+    assert threshold == 0.5 and decision["threshold_source"].startswith("0.5")

@@ -2,10 +2,13 @@
 
 Stages (each timed in the run report): embed only what is new (images already in the
 gallery are skipped, and the embed stage resumes after a kill), search the gallery on an
-actor pool, decide known vs new with the gallery's calibrated threshold, group the new
-images into provisional individuals, write the outputs::
+actor pool, optionally re-rank the candidates by local features (``rerank.enabled``, see
+``reranking.py``), decide known vs new with the gallery's calibrated threshold (on the top
+cosine, or on the top fused probability when re-ranked), group the new images into
+provisional individuals, write the outputs::
 
     OUT/embed/                  the embed output (embeddings/, errors/, manifest.json)
+    OUT/rerank/                 the re-ranking output (scores/, fusion.json), when enabled
     OUT/results/part-*.parquet  one row per identified image (RESULTS_SCHEMA)
     OUT/review.csv              for reviewers: image, top candidates with confidence,
                                 decision, proposed identity, an ``accept`` column
@@ -53,6 +56,11 @@ RESULTS_SCHEMA = pa.schema(
         ("cand_images", pa.list_(pa.string())),
         ("night", pa.string()),
         ("gallery_version", pa.string()),
+        # re-ranking (null when not re-ranked): candidates then follow the fused order, and
+        # confidence / cand_probabilities are the fused calibrated probabilities
+        ("reranked", pa.bool_()),
+        ("cand_local_scores", pa.list_(pa.float64())),  # null where an image failed
+        ("cand_fused_scores", pa.list_(pa.float64())),
     ]
 )
 REVIEW_CANDIDATES = 3
@@ -88,7 +96,9 @@ def _embed_config(version: GalleryVersion, cfg: NightlyConfig):
     return from_dict(type(cfg.embed), settings)
 
 
-def _errors(manifest_errors: pa.Table, embed_dir: str, gallery_dup: list[dict]) -> pa.Table:
+def _errors(
+    manifest_errors: pa.Table, embed_dir: str, gallery_dup: list[dict], *more: pa.Table
+) -> pa.Table:
     from reid_ray.data.manifest import errors_table
     from reid_ray.embed import read_errors
 
@@ -96,6 +106,7 @@ def _errors(manifest_errors: pa.Table, embed_dir: str, gallery_dup: list[dict]) 
     if rio.exists(rio.join(embed_dir, "errors")):
         tables.append(read_errors(embed_dir).cast(errors_table([]).schema))
     tables.append(errors_table(gallery_dup))
+    tables.extend(t.cast(errors_table([]).schema) for t in more)
     table = pa.concat_tables(tables)
     # the embed output also records the manifest's rejects: keep one row per image and reason
     seen, keep = set(), []
@@ -160,6 +171,11 @@ def identify(
     version = open_version(gallery)
     embed_cfg = _embed_config(version, cfg)
     check_model(version, model_ref, embed_cfg.image_size, embed_cfg.flip)
+    if cfg.rerank.enabled:  # a bad rerank config or a gallery without paths: before any work
+        from reid_ray.gallery.reranking import require_paths, rerank_settings
+
+        rerank_settings(cfg.rerank)
+        require_paths(version)
     calibration = version.calibration()
     threshold = float(calibration["threshold"])
     manifest = read_manifest(manifest_path)
@@ -222,17 +238,30 @@ def identify(
     cands = cands.filter(pa.array(keep, pa.bool_()))
     timings["search"] = time.perf_counter() - t
 
+    reranked = None
+    if cfg.rerank.enabled and cands.num_rows:
+        from reid_ray.gallery.reranking import rerank_night
+
+        t = time.perf_counter()
+        reranked = rerank_night(version, table, cands, cfg, rio.join(out, "rerank"),
+                                progress=progress)  # fmt: skip
+        cands = reranked.candidates
+        timings["rerank"] = time.perf_counter() - t
+
     t = time.perf_counter()
     ids = cands.column("image_id").to_pylist()
     cand_ids = cands.column("cand_identities").to_pylist()
     cand_scores = cands.column("cand_scores").to_pylist()
-    if cfg.rerank.enabled:
-        raise ConfigError(
-            "rerank.enabled: re-ranking in the nightly job waits for "
-            "reid_ray.rerank.rerank_candidates (being rebuilt); set rerank.enabled: false"
-        )  # wire: rerank.rerank_candidates
     top = np.array([s[0] if s else np.nan for s in cand_scores], dtype=np.float64)
-    decisions = decide(top, threshold)
+    if reranked is not None:
+        probs = cands.column("cand_probabilities").to_pylist()
+        top_prob = np.array([p[0] if p else np.nan for p in probs], dtype=np.float64)
+        decisions = decide(top_prob, reranked.threshold)
+    else:
+        probs = [
+            probability(np.asarray(s, dtype=np.float64), calibration).tolist() for s in cand_scores
+        ]
+        decisions = decide(top, threshold)
     predicted = [
         c[0] if c and d == KNOWN else None for c, d in zip(cand_ids, decisions, strict=True)
     ]
@@ -258,9 +287,8 @@ def identify(
 
     t = time.perf_counter()
     paths = dict(zip(table["image_id"].to_pylist(), table["path"].to_pylist(), strict=True))
-    probs = [
-        probability(np.asarray(s, dtype=np.float64), calibration).tolist() for s in cand_scores
-    ]
+    n = len(ids)
+    no_lists = pa.nulls(n, pa.list_(pa.float64()))
     results = pa.table(
         {
             "image_id": pa.array(ids, pa.string()),
@@ -275,6 +303,9 @@ def identify(
             "cand_images": cands["cand_images"],
             "night": pa.array([night] * len(ids), pa.string()),
             "gallery_version": pa.array([version.name] * len(ids), pa.string()),
+            "reranked": pa.array([reranked is not None] * n, pa.bool_()),
+            "cand_local_scores": cands["cand_local_scores"] if reranked else no_lists,
+            "cand_fused_scores": cands["cand_fused_scores"] if reranked else no_lists,
         },
         schema=RESULTS_SCHEMA,
     )
@@ -285,7 +316,8 @@ def identify(
     rparts.remove_temporary(results_dir)
     rparts.write_part(results_dir, results, name="part-results.parquet")
     rio.write_bytes_atomic(rio.join(out, "review.csv"), _review_csv(results))
-    errors = _errors(manifest.errors, embed_dir, dup_rows)
+    rerank_errors = [reranked.errors] if reranked is not None else []
+    errors = _errors(manifest.errors, embed_dir, dup_rows, *rerank_errors)
     errors_dir = rio.join(out, "errors")
     for old in rparts.list_parts(errors_dir):
         rio.remove(old)
@@ -306,6 +338,7 @@ def identify(
         "known": n_known,
         "new": len(ids) - n_known,
         "new_individuals": len({g for g in groups if g}),
+        "rerank_errors": reranked.errors.num_rows if reranked is not None else 0,
         "errors": errors.num_rows,
     }
     missing = wanted - set(ids) - set(errors["image_id"].to_pylist())
@@ -318,12 +351,18 @@ def identify(
         "gallery_version": version.name,
         "night": night,
         "threshold": threshold,
+        "decision": {
+            "score": reranked.report["decision_score"] if reranked else "top-1 cosine",
+            "threshold": reranked.threshold if reranked else threshold,
+        },
         "counts": counts,
         "errors_by_reason": dict(Counter(_reason_kind(r) for r in errors["reason"].to_pylist())),
         "error_examples": errors.slice(0, 20).to_pylist(),
         "timings": timings,
         "timings_measure": "wall seconds of each stage of this run on this cluster",
     }
+    if cfg.rerank.enabled:
+        report["rerank"] = reranked.report if reranked else {"enabled": True, "images": 0}
     if "identity" in manifest.table.column_names:
         truth = dict(
             zip(
