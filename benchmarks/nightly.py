@@ -14,11 +14,17 @@ One run, side by side on this machine and one local Ray cluster:
    index build + calibration of a merge) see vectors only;
 4. ``identify`` of the night against each gallery, each into a fresh output folder so
    both embed the night from scratch; then ``gallery merge`` of the night into each.
+5. with ``--rerank``: ``identify`` of the same night against the small gallery again with
+   local-feature re-ranking (``rerank.enabled``; ``--rerank-config``, default SIFT + the
+   classical matcher, no weights), reusing the night's embeddings (a copy of the first
+   run's embed output: the embed stage resumes with nothing to do), before the merge. The
+   large gallery cannot be re-ranked: its synthetic vectors have no image files.
 
 Reports wall seconds per stage (as ``identify`` times them) and per 1,000 new images, with
 the decision accuracy the run measured (the zoo's labels, read only for evaluation).
 
     python benchmarks/nightly.py [--new 1000 --small 2000 --large 20000 --size 32]
+        [--image-size 32] [--rerank [--rerank-config rerank.yaml]]
 
 Writes ``benchmarks/results/nightly.json``.
 """
@@ -37,6 +43,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RESULT = HERE / "results" / "nightly.json"
+# SIFT + MAGSAC: no weights, ~20 ms per image and a few ms per pair on a CPU (ENVIRONMENT.md)
+DEFAULT_RERANK = {"extractor": "sift", "matcher": "classical", "max_keypoints": 512,
+                  "resize_long_side": 384}  # fmt: skip
 
 
 def _zoo(root: Path, n_gallery: int, n_new: int, size: int, per: int, seed: int):
@@ -96,6 +105,34 @@ def _grow(gallery: str, n_total: int, seed: int, cfg) -> float:
     return time.perf_counter() - t
 
 
+def _run_record(report, timings, size, merged=None) -> dict:
+    per_1000 = {k: v * 1000.0 / max(1, report["counts"]["identified"])
+                for k, v in timings.items()}  # fmt: skip
+    out = {
+        "gallery_images": size,
+        "counts": report["counts"],
+        "decision": report.get("decision"),
+        "seconds": timings,
+        "seconds_per_1000_new_images": per_1000,
+        "evaluation": report.get("evaluation"),
+    }
+    if merged is not None:
+        out["merge"] = {k: merged[k] for k in ("version", "added")}
+    if "rerank" in report:
+        out["rerank"] = report["rerank"]
+    return out
+
+
+def _accuracy(run: dict) -> dict:
+    ev = run.get("evaluation") or {}
+    keys = ("decision_accuracy", "known_identified", "new_detected")
+    return {k: ev.get(k) for k in keys} | {
+        "known": run["counts"]["known"],
+        "new": run["counts"]["new"],
+        "seconds_per_1000_new_images": run["seconds_per_1000_new_images"]["total"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new", type=int, default=1000)
@@ -109,7 +146,12 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--out", default=str(DEFAULT_RESULT))
     parser.add_argument("--workdir", default=None, help="kept when given, else a temp folder")
+    parser.add_argument("--rerank", action="store_true",
+                        help="also identify against the small gallery with re-ranking")  # fmt: skip
+    parser.add_argument("--rerank-config", default=None,
+                        help="rerank YAML (default: SIFT + classical matcher)")  # fmt: skip
     args = parser.parse_args()
+    load_at_start = os.getloadavg()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")  # a busy machine
@@ -138,6 +180,18 @@ def main() -> None:
     shutil.copytree(small, large)
     grow_seconds = _grow(large, args.large, args.seed, cfg)
 
+    rerank_cfg = None
+    if args.rerank:
+        import yaml
+
+        rerank_yaml = args.rerank_config or str(root / "rerank.yaml")
+        if not args.rerank_config:
+            Path(rerank_yaml).write_text(yaml.safe_dump(DEFAULT_RERANK))
+        rerank_cfg = load_nightly_config(
+            {"embed": {"image_size": args.image_size}, "night": "bench",
+             "rerank": {"enabled": True, "config": rerank_yaml}}
+        )  # fmt: skip
+
     runs = {}
     for name, gallery in (("small", small), ("large", large)):
         from reid_ray.gallery import open_version
@@ -145,22 +199,41 @@ def main() -> None:
         size = open_version(gallery).info["counts"]["images"]
         out = str(root / f"night-{name}")
         report = identify(gallery, str(n_csv), out, cfg)
+        if rerank_cfg is not None and name == "small":  # before the merge adds the night
+            out_rr = str(root / "night-small-rerank")
+            shutil.copytree(Path(out) / "embed", Path(out_rr) / "embed")
+            report_rr = identify(gallery, str(n_csv), out_rr, rerank_cfg)
+            runs["small_rerank"] = _run_record(report_rr, dict(report_rr["timings"]), size)
         t = time.perf_counter()
         merged = merge_results(gallery, out, cfg)
         merge_seconds = time.perf_counter() - t
         timings = dict(report["timings"], merge=merge_seconds)
-        per_1000 = {k: v * 1000.0 / max(1, report["counts"]["identified"])
-                    for k, v in timings.items()}  # fmt: skip
-        runs[name] = {
-            "gallery_images": size,
-            "counts": report["counts"],
-            "seconds": timings,
-            "seconds_per_1000_new_images": per_1000,
-            "evaluation": report.get("evaluation"),
-            "merge": {k: merged[k] for k in ("version", "added")},
-        }
+        runs[name] = _run_record(report, timings, size, merged)
+        per_1000 = runs[name]["seconds_per_1000_new_images"]
         print(f"{name}: gallery {size}, {report['counts']['identified']} new images, "
               f"{per_1000['total']:.1f} s per 1000 (+ merge {per_1000['merge']:.1f})")  # fmt: skip
+    comparison = None
+    if "small_rerank" in runs:
+        with_rr = runs["small_rerank"]
+        # the re-ranked run reused the night's embeddings: add the first run's embed time
+        embed = runs["small"]["seconds_per_1000_new_images"]["embed"]
+        total_rr = with_rr["seconds_per_1000_new_images"]["total"]
+        comparison = {
+            "gallery": "small",
+            "without_rerank": _accuracy(runs["small"]),
+            "with_rerank": _accuracy(with_rr)
+            | {"seconds_per_1000_new_images_with_embed": total_rr + embed},
+            "rerank_config": rerank_cfg.rerank.config,
+            "measures": (
+                "decision_accuracy over the night's labelled images (known-vs-new right), "
+                "known_identified, new_detected, from identify's evaluation block; the "
+                "re-ranked run's seconds exclude embedding (reused), the _with_embed figure "
+                "adds the plain run's embed seconds"
+            ),
+        }
+        print(f"decision accuracy: without re-ranking "
+              f"{comparison['without_rerank']['decision_accuracy']}, with "
+              f"{comparison['with_rerank']['decision_accuracy']}")  # fmt: skip
     result = {
         "benchmark": "benchmarks/nightly.py",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -169,6 +242,7 @@ def main() -> None:
             "platform": platform.platform(),
             "python": sys.version.split()[0],
             "cpus_os": os.cpu_count(),
+            "load_avg_at_start": load_at_start,
             "load_avg_at_end": os.getloadavg(),
         },  # fmt: skip
         "setup": {
@@ -180,6 +254,7 @@ def main() -> None:
             "gallery_real_images": n_gallery,
         },
         "runs": runs,
+        "rerank_comparison": comparison,
         "measures": (
             "wall seconds of each identify stage (load_gallery, embed = decode + model on the "
             "actor pool, search = FAISS on the searcher pool, decide, group, write) and of the "

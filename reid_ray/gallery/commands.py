@@ -144,6 +144,15 @@ def identify_command(
         ("errors", c["errors"]),
         ("seconds", f"{report['timings']['total']:.1f}"),
     ]
+    rr = report.get("rerank") or {}
+    if rr.get("threshold") is not None:
+        rows.append(
+            (
+                "re-ranked",
+                f"{rr['extractor']} + {rr['matcher']}: known when the fused probability >= "
+                f"{rr['threshold']:.3f} ({rr['threshold_source']}); {rr['errors']} errors",
+            )
+        )
     ev = report.get("evaluation") or {}
     if ev.get("n_labelled"):
         rows.append(("decision accuracy (labelled rows)", f"{ev['decision_accuracy']:.3f}"))
