@@ -3,7 +3,8 @@
 version, atomic and idempotent).
 
 ``store.py`` owns the folder layout and versions; ``decide.py`` the pure decision,
-calibration and grouping; ``searcher.py`` the Ray actor pool that searches; ``build.py``,
+calibration and grouping; ``searcher.py`` the Ray actor pool that searches;
+``reranking.py`` identify's local-feature re-ranking (through ``reid_ray.rerank``); ``build.py``,
 ``identification.py`` (identify), ``merge.py`` the three operations; ``commands.py`` the CLI.
 Names are imported on first use, so ``reid-ray --help`` stays fast.
 """
