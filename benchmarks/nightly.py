@@ -70,7 +70,8 @@ def _zoo(root: Path, n_gallery: int, n_new: int, size: int, per: int, seed: int)
     gallery = meta[meta.identity.isin(gallery_ids) & (meta.j < per)].head(n_gallery)
     known = meta[meta.identity.isin(gallery_ids) & (meta.j >= per)].head(known_extra)
     night = pd.concat([known, meta[meta.identity.isin(new_ids)].head(n_new - len(known))])
-    cols = ["image_id", "path", "identity"]
+    # the crop boxes travel with the images: a model sees the animal, not the whole scene
+    cols = [c for c in ("image_id", "path", "identity", "species", "bbox", "date") if c in meta]
     gallery[cols].to_csv(root / "gallery.csv", index=False)
     night[cols].to_csv(root / "night.csv", index=False)
     return root / "gallery.csv", root / "night.csv", len(gallery), len(night)
