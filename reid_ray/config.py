@@ -191,7 +191,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            raise ConfigError(
+                f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}"
+            )
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -208,7 +210,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
         return tuple(
-            _convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+            _convert(v, a, f"{where}[{i}]")
+            for i, (v, a) in enumerate(zip(value, args, strict=True))
         )
     if origin in (list, typing.List):  # noqa: UP006 - matching the annotation object
         (arg,) = typing.get_args(tp) or (Any,)
@@ -220,7 +223,16 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
     if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "yes",
+            "on",
+            "1",
+            "false",
+            "no",
+            "off",
+            "0",
+        ):
             return value.lower() in ("true", "yes", "on", "1")
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")

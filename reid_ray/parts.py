@@ -49,14 +49,12 @@ def list_parts(folder: str) -> list[str]:
     if rio.is_remote(folder):
         fs, bare = rio.filesystem(folder)
         fs.invalidate_cache(bare)
-    return [
-        p
-        for p in rio.list_files(folder, PART_SUFFIX)
-        if ".tmp-" not in p.rsplit("/", 1)[-1]
-    ]
+    return [p for p in rio.list_files(folder, PART_SUFFIX) if ".tmp-" not in p.rsplit("/", 1)[-1]]
 
 
-def write_part(folder: str, table: pa.Table, *, run: str | None = None, seq: int = 0, name: str | None = None) -> str:
+def write_part(
+    folder: str, table: pa.Table, *, run: str | None = None, seq: int = 0, name: str | None = None
+) -> str:
     """Write ``table`` as one atomic part in ``folder``; returns its path."""
     path = rio.join(folder, name or part_name(run or new_run_id(), seq))
     rio.write_table_atomic(path, table)
@@ -161,7 +159,10 @@ class PartsWriter:
             return
         self._tables.append(table.cast(self.schema) if self.schema is not None else table)
         self._buffered += table.num_rows
-        if self._buffered >= self.rows_per_part or time.monotonic() - self._last >= self.flush_seconds:
+        if (
+            self._buffered >= self.rows_per_part
+            or time.monotonic() - self._last >= self.flush_seconds
+        ):
             self.flush()
 
     def flush(self) -> str | None:

@@ -38,12 +38,20 @@ def test_synth_writes_a_usable_manifest(tmp_path):
     from reid_ray.data import read_manifest
 
     out = tmp_path / "zoo"
-    result = run_cli("synth", "--out", str(out), "--individuals", "12", "--images-per", "3", "--size", "96")
+    result = run_cli(
+        "synth", "--out", str(out), "--individuals", "12", "--images-per", "3", "--size", "96"
+    )
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(str(out / "metadata.csv"), split_file=str(out / "split.csv"))
     assert len(manifest) == 36 and manifest.errors.num_rows == 0
     assert manifest.to_pandas()["identity"].nunique() == 12
-    assert set(pd.read_csv(out / "split.csv")["split"]) <= {"train", "val", "query", "gallery", "query_unknown"}
+    assert set(pd.read_csv(out / "split.csv")["split"]) <= {
+        "train",
+        "val",
+        "query",
+        "gallery",
+        "query_unknown",
+    }
 
 
 def test_bad_arguments_fail_fast_with_one_clear_message(tmp_path):
@@ -53,6 +61,14 @@ def test_bad_arguments_fail_fast_with_one_clear_message(tmp_path):
     assert "manifest not found" in result.stderr and "Traceback" not in result.stderr
 
     (tmp_path / "m.csv").write_text("image_id,path\na,a.jpg\n")
-    result = run_cli("embed", "--manifest", str(tmp_path / "m.csv"), "--model", "resnet18", "--out", str(tmp_path / "o"))
+    result = run_cli(
+        "embed",
+        "--manifest",
+        str(tmp_path / "m.csv"),
+        "--model",
+        "resnet18",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert result.returncode == 2
     assert "timm:resnet18" in result.stderr and "Traceback" not in result.stderr

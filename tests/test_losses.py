@@ -90,8 +90,12 @@ def test_equal_margins_match_pml_sub_center_arcface():
     from pytorch_metric_learning.losses import SubCenterArcFaceLoss
 
     torch.manual_seed(0)
-    ours = DynamicSubCenterArcFaceLoss(num_classes=3, embedding_size=8, margins=[0.4] * 3, scale=16, sub_centers=2)
-    pml = SubCenterArcFaceLoss(num_classes=3, embedding_size=8, margin=math.degrees(0.4), scale=16, sub_centers=2)
+    ours = DynamicSubCenterArcFaceLoss(
+        num_classes=3, embedding_size=8, margins=[0.4] * 3, scale=16, sub_centers=2
+    )
+    pml = SubCenterArcFaceLoss(
+        num_classes=3, embedding_size=8, margin=math.degrees(0.4), scale=16, sub_centers=2
+    )
     with torch.no_grad():
         pml.W.copy_(ours.W)
     emb = torch.randn(6, 8)

@@ -94,7 +94,7 @@ def test_paths_exist_decode_and_bbox_inside(zoo):
         assert x >= 0 and y >= 0 and w > 8 and h > 8
         assert x + w <= 128 and y + h <= 128
         # the box holds the animal: it differs from the background around it
-        assert img[y:y + h, x:x + w].std() > 5
+        assert img[y : y + h, x : x + w].std() > 5
 
 
 def test_manifest_and_split_load_with_the_shared_reader(zoo):
@@ -163,13 +163,15 @@ def test_pattern_carries_identity(tmp_path):
     generate_zoo(str(tmp_path), species=2, individuals=4, images_per=6, size=192, seed=0)
     meta = _meta(tmp_path)
     sift = cv2.SIFT_create()
-    feats = {r.image_id: sift_features(cv2.imread(str(tmp_path / r.path)), sift)
-             for r in meta.itertuples()}
+    feats = {
+        r.image_id: sift_features(cv2.imread(str(tmp_path / r.path)), sift)
+        for r in meta.itertuples()
+    }
     same, other = [], []
     for _, group in meta.groupby(["species", "viewpoint"]):
         rows = list(group.itertuples())
         for i, a in enumerate(rows):
-            for b in rows[i + 1:]:
+            for b in rows[i + 1 :]:
                 n = sift_inliers(feats[a.image_id], feats[b.image_id])
                 (same if a.identity == b.identity else other).append(n)
     assert len(same) >= 6 and len(other) >= 6
@@ -191,8 +193,14 @@ def test_difficulty_report(zoo):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(individuals=2, species=3), dict(size=16), dict(seed=-1), dict(images_per=0),
-     dict(split_kind="random"), dict(individuals=2.5)],
+    [
+        dict(individuals=2, species=3),
+        dict(size=16),
+        dict(seed=-1),
+        dict(images_per=0),
+        dict(split_kind="random"),
+        dict(individuals=2.5),
+    ],
 )
 def test_bad_arguments_fail_fast(tmp_path, kwargs):
     with pytest.raises(ConfigError):
@@ -225,7 +233,8 @@ def test_ray_tasks_write_the_same_zoo(tmp_path, ray_cluster, monkeypatch):
     monkeypatch.setattr(zoo_mod, "RAY_CHUNK_IMAGES", 6)  # two individuals per task
     generate_zoo(str(tmp_path / "ray"), **TINY, seed=4)
     assert (tmp_path / "local/metadata.csv").read_bytes() == (
-        tmp_path / "ray/metadata.csv").read_bytes()
+        tmp_path / "ray/metadata.csv"
+    ).read_bytes()
     assert _files(tmp_path / "local") == _files(tmp_path / "ray")
 
 

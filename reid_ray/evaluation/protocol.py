@@ -127,7 +127,9 @@ def _top1(query_ids, scores, cand, identity_of, unknown_ids):
     """Top-1 score, whether it is right, and the true identity, split known / unknown."""
     true = identities_of_ids(np.asarray(query_ids, dtype=object), identity_of)
     top_score = scores[:, 0].astype(np.float64) if scores.shape[1] else np.full(len(true), -np.inf)
-    top_id = identities_of_ids(cand[:, 0], identity_of) if cand.shape[1] else np.full(len(true), None)
+    top_id = (
+        identities_of_ids(cand[:, 0], identity_of) if cand.shape[1] else np.full(len(true), None)
+    )
     unknown = np.array([q in unknown_ids for q in np.asarray(query_ids).tolist()], dtype=bool)
     right = np.array([t == p for t, p in zip(true.tolist(), top_id.tolist(), strict=True)])
     return top_score, right.astype(bool), true.astype(str), unknown
