@@ -29,6 +29,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check reid_ray tests jobs benchmarks
+	$(BIN)/ruff format --check reid_ray tests jobs benchmarks
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)
