@@ -45,8 +45,6 @@ from reid_ray.synth.render import (  # noqa: F401 - re-exported: the zoo's publi
     _TAG_DATE,
     JPEG_QUALITY,
     Species,
-    _Body,
-    _body,
     _scene,
     coat_texture,
     identity_name,
@@ -54,6 +52,7 @@ from reid_ray.synth.render import (  # noqa: F401 - re-exported: the zoo's publi
     render_image,
     species_of,
 )
+from reid_ray.synth.shapes import _Body, _body  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
