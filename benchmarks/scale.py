@@ -9,7 +9,8 @@ around the stage call:
 
 * ``embed``: ``reid_ray.embed.embed_manifest`` of tiny generated JPEGs (32-48 px) with a
   random-init resnet18 (``timm-random:resnet18``) at 32 px;
-* ``index`` / ``search``: ``index_embeddings`` of a gallery of generated vectors, then
+* ``index`` / ``search``: ``index_embeddings`` of a gallery of generated vectors (built on
+  a Ray worker: ``on_ray=True``), then
   ``search_embeddings`` (top-100, searcher actors) of a tenth as many queries;
 * ``rerank``: ``rerank_candidates`` (SIFT + classical matcher, a given fusion) over
   queries x 10 candidates of the tiny images; beside it, in the same child and with the
@@ -210,7 +211,7 @@ def stage_search(n: int, work: str) -> dict:
     idx = os.path.join(work, f"index-{n}")
     with PeakRss() as mem_index:
         t0 = time.perf_counter()
-        index_embeddings(gallery, idx)
+        index_embeddings(gallery, idx, on_ray=True)
         t_index = time.perf_counter() - t0
     with PeakRss() as mem:
         t0 = time.perf_counter()

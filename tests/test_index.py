@@ -201,16 +201,25 @@ def _sorted_candidates(out: str) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_search_over_actors_equals_search_in_process(ray_cluster, tmp_path, s3_bucket):
-    """Query shards searched by an actor pool (an index replica each), reading and writing
-    on S3, give exactly the in-process candidates; the driver only counts."""
+    """An index built on a Ray worker, and query shards searched by an actor pool (an index
+    replica each), reading and writing on S3, give exactly the in-process candidates; the
+    driver only counts."""
     rng = np.random.default_rng(5)
     ids = [f"q{i:03d}" for i in range(90)]
     matrix = _unit(rng.normal(size=(90, 12)))
     emb_out = f"{s3_bucket}/emb"
     _write_embed_output(emb_out, ids, matrix, parts=4)
     idx = f"{s3_bucket}/index"
-    index_embeddings(emb_out, idx)
+    # built by a Ray task: only the summary comes back to this process
+    summary = index_embeddings(emb_out, idx, on_ray=True)
+    assert (summary.n, summary.dim, summary.key) == (90, 12, "fp-a")
     local = search_embeddings(idx, emb_out, str(tmp_path / "local"), k=7, exclude_self=True)
+    # the index built in this process gives the same candidates
+    here = str(tmp_path / "index-here")
+    index_embeddings(emb_out, here)
+    search_embeddings(here, emb_out, str(tmp_path / "here"), k=7, exclude_self=True)
+    pd.testing.assert_frame_equal(_sorted_candidates(str(tmp_path / "local")),
+                                  _sorted_candidates(str(tmp_path / "here")))  # fmt: skip
     remote_out = f"{s3_bucket}/cand"
     spread = search_embeddings(
         idx, emb_out, remote_out, k=7, exclude_self=True, actors=2, batch_size=16

@@ -37,6 +37,9 @@ def index_command(
     nlist: int = typer.Option(0, help="IVF lists (0: about 4 sqrt(N))."),
     nprobe: int = typer.Option(0, help="IVF lists visited per query (0: nlist / 8)."),
     gpu: str = typer.Option("auto", help="GPU index: auto, yes or no."),
+    on_ray: bool = typer.Option(
+        False, "--on-ray/--here", help="Build on a Ray worker (the vectors never reach here)."
+    ),
 ) -> None:
     """Build a FAISS index (inner product on L2-normalised embeddings) of a gallery."""
     from reid_ray import console
@@ -54,6 +57,7 @@ def index_command(
         nlist=nlist,
         nprobe=nprobe,
         use_gpu=_gpu(gpu),
+        on_ray=on_ray,
         command="reid-ray index",
     )
     console.summary(

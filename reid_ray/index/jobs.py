@@ -78,12 +78,31 @@ def index_embeddings(
     nlist: int = 0,
     nprobe: int = 0,
     use_gpu: bool | str = "auto",
+    on_ray: bool = False,
     command: str | None = None,
 ) -> IndexSummary:
     """Build and save the index of the embeddings in ``embeddings`` (an embed output),
-    restricted to the manifest rows of ``splits`` when a manifest is given."""
+    restricted to the manifest rows of ``splits`` when a manifest is given.
+
+    ``on_ray``: build it in a Ray task (with a GPU when ``use_gpu`` asks for one or, on
+    ``auto``, when the cluster has one), so that the calling process, a job's driver, never
+    holds the gallery's vectors; only the summary comes back.
+    """
     from reid_ray.embed.store import read_embeddings  # embedding-specific reader
 
+    if on_ray:
+        import ray
+
+        from reid_ray.runtime import cluster_view, init_ray, require_shared_output
+
+        init_ray()
+        require_shared_output(out, "index --out")
+        gpus = use_gpu is True or (use_gpu == "auto" and cluster_view().gpus >= 1)
+        task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(index_embeddings)
+        settings = dict(manifest=manifest, split=split, splits=tuple(splits),
+                        exact_threshold=exact_threshold, nlist=nlist, nprobe=nprobe,
+                        use_gpu=use_gpu, command=command)  # fmt: skip
+        return ray.get(task.remote(embeddings, out, **settings))
     t0 = time.perf_counter()
     identities: dict[str, str | None] = {}
     wanted = None
