@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Held-out calibration identities (default: TrainConfig's).")  # fmt: skip
     p.add_argument("--rerank-top-k", type=int, default=10)
     p.add_argument("--resize-long-side", type=int, default=256)
+    p.add_argument("--calibration-queries", type=int, default=None,
+                   help="Gallery queries the re-ranking calibrates on (default: RerankConfig's).")  # fmt: skip
     p.add_argument("--result", default=None, help="Result JSON (default benchmarks/results/).")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -145,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     phase("evaluate_global", t)
     rcfg = load_rerank_config(
         dict(extractor="sift", matcher="classical", top_k=args.rerank_top_k,
-             resize_long_side=args.resize_long_side)
+             resize_long_side=args.resize_long_side),
+        calibration_queries=args.calibration_queries,
     )  # fmt: skip
     t = time.perf_counter()
-    rer = evaluate(args.manifest, args.split, checkpoint, str(work / "eval_rerank"),
+    rer = evaluate(args.manifest, args.split, checkpoint, str(work / f"eval_rerank_{args.name}"),
                    rerank=rcfg, embed_dir=embed_dir)  # fmt: skip
     phase("evaluate_rerank", t)
 
