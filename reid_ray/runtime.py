@@ -306,3 +306,18 @@ __all__ = [
     "resolve_device",
     "set_threads",
 ]
+
+
+def get_result(ref: Any) -> Any:
+    """``ray.get``, except that a reid-ray error raised inside the task comes back as
+    itself (one clear message), not wrapped in Ray's remote traceback."""
+    import ray
+
+    from reid_ray.errors import ReidRayError
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, ReidRayError):
+            raise exc.cause from None
+        raise

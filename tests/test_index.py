@@ -9,7 +9,7 @@ import pytest
 
 from reid_ray import io as rio
 from reid_ray.embed.store import EMBEDDINGS_DIR, embeddings_table
-from reid_ray.errors import ConfigError
+from reid_ray.errors import ConfigError, OutputError
 from reid_ray.index import (
     CANDIDATES_SCHEMA,
     build_index,
@@ -213,6 +213,10 @@ def test_search_over_actors_equals_search_in_process(ray_cluster, tmp_path, s3_b
     # built by a Ray task: only the summary comes back to this process
     summary = index_embeddings(emb_out, idx, on_ray=True)
     assert (summary.n, summary.dim, summary.key) == (90, 12, "fp-a")
+    # an error inside the task comes back as itself: one clear message, no remote traceback
+    with pytest.raises(OutputError, match="no embeddings") as err:
+        index_embeddings(str(tmp_path / "no-emb"), str(tmp_path / "no-idx"), on_ray=True)
+    assert type(err.value) is OutputError
     local = search_embeddings(idx, emb_out, str(tmp_path / "local"), k=7, exclude_self=True)
     # the index built in this process gives the same candidates
     here = str(tmp_path / "index-here")

@@ -143,8 +143,10 @@ def calibration_candidates(version: GalleryVersion, n: int, k: int, seed: int) -
     ``n`` x ``k`` candidate rows come back."""
     import ray
 
+    from reid_ray.runtime import get_result
+
     task = ray.remote(num_cpus=0.5)(_calibration_search)
-    return ray.get(task.remote(version.root, version.name, n, k, seed))
+    return get_result(task.remote(version.root, version.name, n, k, seed))
 
 
 def fit_rerank_decision(calibration: pa.Table, identity_of: dict[str, str], seed: int):

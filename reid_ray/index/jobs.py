@@ -93,7 +93,7 @@ def index_embeddings(
     if on_ray:
         import ray
 
-        from reid_ray.runtime import cluster_view, init_ray, require_shared_output
+        from reid_ray.runtime import cluster_view, get_result, init_ray, require_shared_output
 
         init_ray()
         require_shared_output(out, "index --out")
@@ -102,7 +102,7 @@ def index_embeddings(
         settings = dict(manifest=manifest, split=split, splits=tuple(splits),
                         exact_threshold=exact_threshold, nlist=nlist, nprobe=nprobe,
                         use_gpu=use_gpu, command=command)  # fmt: skip
-        return ray.get(task.remote(embeddings, out, **settings))
+        return get_result(task.remote(embeddings, out, **settings))
     t0 = time.perf_counter()
     identities: dict[str, str | None] = {}
     wanted = None
