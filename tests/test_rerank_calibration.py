@@ -187,6 +187,22 @@ def test_calibration_pairs_hold_the_first_same_and_negatives_at_every_rank(same_
     assert q not in set(pairs["gallery_id"][pairs["query_id"] == q])  # no self-pairs
 
 
+def test_calibration_queries_are_drawn_from_the_held_out_images_first():
+    manifest = _gallery(n_ids=10)  # 40 gallery images
+    cands = _loo_candidates(manifest, same_at=1)
+    held = {f"i{k}-{j}" for k in (7, 8, 9) for j in range(4)}  # 12 never trained on
+    cfg = RerankConfig(calibration_queries=20)
+    chosen = set(select_calibration_pairs(cands, manifest, cfg, preferred=held)["query_id"])
+    assert len(chosen) == 20 and held <= chosen  # all 12, then 8 others
+    few = RerankConfig(calibration_queries=5)
+    chosen = set(select_calibration_pairs(cands, manifest, few, preferred=held)["query_id"])
+    assert len(chosen) == 5 and chosen <= held  # a sample of the held-out ones
+    again = set(select_calibration_pairs(cands, manifest, few, preferred=held)["query_id"])
+    assert again == chosen  # seeded
+    plain = set(select_calibration_pairs(cands, manifest, cfg)["query_id"])
+    assert len(plain) == 20 and not held <= plain  # without a preference: uniform
+
+
 def test_calibration_pairs_need_at_least_five_top_negatives():
     with pytest.raises(ConfigError, match="calibration_negatives must be at least 5"):
         RerankConfig(calibration_negatives=4)

@@ -113,16 +113,6 @@ def _write_candidates(folder: str, query_ids, scores, cand_ids) -> int:
     return n
 
 
-def _heldout_ids(model_ref: str) -> frozenset[str] | None:
-    """Image ids the checkpoint's training held out (whole identities), if it records them
-    (what ``reid_ray.models.load(ref).heldout_ids`` gives, without loading the weights)."""
-    from reid_ray.models import parse_ref, read_heldout_ids
-
-    if parse_ref(model_ref).kind != "checkpoint":
-        return None
-    return read_heldout_ids(model_ref)
-
-
 def _top1(query_ids, scores, cand, identity_of, unknown_ids):
     """Top-1 score, whether it is right, and the true identity, split known / unknown."""
     true = identities_of_ids(np.asarray(query_ids, dtype=object), identity_of)
@@ -314,7 +304,9 @@ def evaluate(
 
     # 3. the known-vs-new decision (gallery only) and the metrics
     if heldout_ids is None:
-        heldout_ids = _heldout_ids(model_ref)
+        from reid_ray.models import read_heldout_ids
+
+        heldout_ids = read_heldout_ids(model_ref)
     gallery_list = gallery_ids.tolist()
     samples = choose_samples(
         pairs_from_matrix(gallery_ids, loo_scores, loo_ids),
@@ -431,6 +423,7 @@ def _rerank(
         cfg,
         rio.join(out, "rerank"),
         calibration_candidates=read_candidates(rio.join(out, GALLERY_CANDIDATES_DIR)),
+        calibration_preferred=heldout_ids,
         progress=progress,
         overwrite=overwrite,
     )

@@ -25,16 +25,20 @@ from reid_ray.gallery.store import gallery_table, is_gallery, open_version, writ
 logger = logging.getLogger(__name__)
 
 
-def calibrator(cfg: NightlyConfig) -> Callable:
-    """The ``calibrate`` callable of :func:`~reid_ray.gallery.store.write_version`."""
+def calibrator(cfg: NightlyConfig, model_ref: str) -> Callable:
+    """The ``calibrate`` callable of :func:`~reid_ray.gallery.store.write_version`; a
+    checkpoint's held-out images (never trained on) are the simulation's queries."""
     from reid_ray.gallery.decide import fit_calibration
+    from reid_ray.models import read_heldout_ids
 
     c = cfg.calibration
+    heldout = read_heldout_ids(model_ref)
 
     def calibrate(ids, identities, matrix, index) -> dict[str, Any]:
         return fit_calibration(
-            ids, identities, matrix, index, k=c.k, max_queries=c.max_queries, seed=c.seed
-        )
+            ids, identities, matrix, index, k=c.k, max_queries=c.max_queries, seed=c.seed,
+            heldout_ids=heldout,
+        )  # fmt: skip
 
     return calibrate
 
@@ -110,7 +114,7 @@ def build_gallery(
         rows,
         parent=None,
         model=model,
-        calibrate=calibrator(cfg),
+        calibrate=calibrator(cfg, model_ref),
         operation="build",
         extra={"source": manifest.source},
     )

@@ -33,36 +33,43 @@ def fit_calibration(
     k: int = 50,
     max_queries: int = 5000,
     seed: int = 0,
+    heldout_ids=None,
 ) -> dict[str, Any]:
     """The known-vs-new decision of a gallery: ``reid_ray.evaluation.openset`` fitted on the
     gallery's own leave-identity-out simulation (see the module docstring), plus a logistic
-    fit of "same individual" on the simulated top-1 scores for the reviewers' confidence."""
+    fit of "same individual" on the simulated top-1 scores for the reviewers' confidence.
+    ``heldout_ids``: gallery images the model never trained on (a checkpoint's held-out
+    identities); they are searched first and, when enough, are the only simulated queries
+    (``openset.choose_samples``)."""
     from sklearn.linear_model import LogisticRegression
 
     from reid_ray.evaluation.openset import (
         DecisionConfig,
+        choose_samples,
         fit_decision,
         pairs_from_matrix,
-        simulate,
     )
     from reid_ray.index import search
+    from reid_ray.rerank.ranking import draw_preferred
 
     n = len(ids)
     if n < 3:
         raise ConfigError(f"a gallery needs at least 3 images to calibrate, got {n}")
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, max_queries, replace=False)) if n > max_queries else np.arange(n)
+    sample = np.arange(n)
+    if n > max_queries:
+        sample = draw_preferred(sample, max_queries, np.isin(ids, list(heldout_ids or ())), seed)
     scores, nbr = search(
         index, matrix[sample], min(k, n - 1), query_ids=ids[sample], exclude_self=True
     )
-    samples = simulate(
+    cfg = DecisionConfig(seed=seed, max_samples=max(2, max_queries))
+    samples = choose_samples(
         pairs_from_matrix(ids[sample], scores, nbr),
         ids.tolist(),
         dict(zip(ids.tolist(), identities.tolist(), strict=True)),
-        max_samples=max_queries,
-        seed=seed,
+        heldout_ids=heldout_ids,
+        cfg=cfg,
     )
-    decision = fit_decision(samples, DecisionConfig(seed=seed))
+    decision = fit_decision(samples, cfg)
     if not np.isfinite(decision.threshold):
         raise ConfigError(
             "cannot calibrate the known-vs-new decision: the gallery needs individuals with "

@@ -174,7 +174,7 @@ def merge_results(
             pa.concat_tables(new_parts),
             parent=current,
             model=current.info["model"],
-            calibrate=calibrator(cfg),
+            calibrate=calibrator(cfg, current.info["model"]["ref"]),
             operation="merge",
             merged=merged,
         )

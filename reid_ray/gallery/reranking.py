@@ -7,7 +7,7 @@ probability of the top candidate then decides known vs new.
 The fusion is fitted once per gallery version and re-ranking settings, and stored with the
 version (``G/versions/vNNNN/rerank/<key>.json``): calibration queries are a seeded sample of
 gallery images (``calibration_queries`` of the rerank config, from identities with at least
-two images), each searched against the gallery without itself (a Ray task loads the index,
+two images; a checkpoint's held-out images, never trained on, drawn first), each searched against the gallery without itself (a Ray task loads the index,
 not the driver); ``rerank_candidates`` scores their pairs with the night's and fits. Later
 nights against the same version reuse the stored fusion, so a rerun decides the same way.
 Local features are cached in the gallery's ``features_cache`` (each image extracted once,
@@ -108,6 +108,8 @@ def _calibration_search(gallery: str, version: str, n: int, k: int, seed: int) -
     from reid_ray.embed.store import table_to_matrix
     from reid_ray.gallery.store import open_version
     from reid_ray.index import load_index, search
+    from reid_ray.models import read_heldout_ids
+    from reid_ray.rerank.ranking import draw_preferred
 
     v = open_version(gallery, version)
     table = read_table(v, ["image_id", "identity", "embedding"])
@@ -115,9 +117,10 @@ def _calibration_search(gallery: str, version: str, n: int, k: int, seed: int) -
     identity = np.asarray(table["identity"].to_pylist(), dtype=object).astype(str)
     _, inverse, counts = np.unique(identity, return_inverse=True, return_counts=True)
     eligible = np.nonzero(counts[inverse] >= 2)[0]
-    rng = np.random.default_rng(seed)
     if len(eligible) > n:
-        eligible = np.sort(rng.choice(eligible, n, replace=False))
+        heldout = read_heldout_ids(v.info["model"]["ref"]) or ()
+        first = np.isin(ids[eligible], list(heldout))
+        eligible = draw_preferred(eligible, n, first, seed)
     if len(eligible) == 0 or len(ids) < 2:
         return pa.table({"query_id": pa.array([], pa.string()),
                          "gallery_id": pa.array([], pa.string()),
@@ -149,13 +152,22 @@ def calibration_candidates(version: GalleryVersion, n: int, k: int, seed: int) -
     return get_result(task.remote(version.root, version.name, n, k, seed))
 
 
-def fit_rerank_decision(calibration: pa.Table, identity_of: dict[str, str], seed: int):
+def fit_rerank_decision(
+    calibration: pa.Table, identity_of: dict[str, str], seed: int, heldout_ids=None
+):
     """The known-vs-new decision on the top-1 fused probability, fitted on the scored
-    calibration pairs (see the module docstring); returns ``(threshold, decision dict)``."""
+    calibration pairs (see the module docstring), on the held-out queries alone when they
+    span enough individuals; returns ``(threshold, decision dict)``."""
     from reid_ray.evaluation.openset import DecisionConfig, Samples, fit_decision
 
+    cfg = DecisionConfig(seed=seed)
     df = calibration.to_pandas()
     df["identity"] = df["query_id"].map(identity_of)
+    fitted_on = "re-ranked leave-one-out calibration queries of the gallery"
+    held = df["query_id"].isin(set(heldout_ids or ()))
+    if df.loc[held, "identity"].nunique() >= cfg.min_heldout_identities:
+        df = df[held]
+        fitted_on += ", held-out images only (the model never trained on them)"
     df = df.sort_values(["query_id", "fused_score", "global_score"],
                         ascending=[True, False, False])  # fmt: skip
     top = df.groupby("query_id", sort=True).head(1)
@@ -166,9 +178,9 @@ def fit_rerank_decision(calibration: pa.Table, identity_of: dict[str, str], seed
         known_groups=top["identity"].astype(str).to_numpy(),
         unknown_scores=other["probability"].to_numpy(np.float64),
         unknown_groups=other["identity"].astype(str).to_numpy(),
-        fitted_on="re-ranked leave-one-out calibration queries of the gallery",
+        fitted_on=fitted_on,
     )
-    decision = fit_decision(samples, DecisionConfig(seed=seed), score=DECISION_SCORE)
+    decision = fit_decision(samples, cfg, score=DECISION_SCORE)
     out = decision.to_dict()
     threshold = float(decision.threshold)
     if np.isfinite(threshold):
@@ -236,6 +248,7 @@ def rerank_night(
     ``night``) with the local features; ``out_dir`` holds the rerank output."""
     import pandas as pd
 
+    from reid_ray.models import read_heldout_ids
     from reid_ray.rerank import FusionModel, rerank_candidates
 
     rcfg = rerank_settings(cfg.rerank)
@@ -247,6 +260,7 @@ def rerank_night(
     stored_path = rio.join(version.folder, "rerank", f"{key}.json")
     stored = rio.read_json(stored_path) if rio.exists(stored_path) else None
     calib, fusion = None, None
+    heldout = read_heldout_ids(version.info["model"]["ref"])
     if stored is not None:
         fusion = FusionModel.from_dict(stored["fusion"])
     else:
@@ -265,10 +279,13 @@ def rerank_night(
         out_dir,
         calibration_candidates=calib,
         fusion=fusion,
+        calibration_preferred=heldout,
         progress=progress,
     )  # fmt: skip
     if stored is None:
-        _, decision = fit_rerank_decision(result.calibration, manifest.identity_of(), rcfg.seed)
+        _, decision = fit_rerank_decision(
+            result.calibration, manifest.identity_of(), rcfg.seed, heldout_ids=heldout
+        )
         stored = {
             "format": STORED_FORMAT,
             "key": key,

@@ -256,10 +256,13 @@ def _checkpoint_folder(path: str) -> str:
     return str(path).rstrip("/").rsplit("/", 1)[0] if "/" in str(path) else "."
 
 
-def read_heldout_ids(path: str) -> frozenset[str] | None:
-    """The calibration image_ids recorded beside the checkpoint ``path`` (file or folder);
-    None when the folder has no :data:`CALIBRATION_FILE`."""
-    file = rio.join(_checkpoint_folder(path), CALIBRATION_FILE)
+def read_heldout_ids(ref: str) -> frozenset[str] | None:
+    """The calibration image_ids recorded beside the checkpoint ``ref`` (file or folder):
+    what ``load(ref).heldout_ids`` gives, without loading the weights. None for a
+    non-checkpoint reference or a folder without :data:`CALIBRATION_FILE`."""
+    if parse_ref(ref).kind != "checkpoint":
+        return None
+    file = rio.join(_checkpoint_folder(ref), CALIBRATION_FILE)
     if not rio.exists(file):
         return None
     lines = rio.read_bytes(file).decode().splitlines()

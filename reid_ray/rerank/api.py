@@ -62,6 +62,7 @@ def rerank_candidates(
     *,
     calibration_candidates: pa.Table | None = None,
     fusion: FusionModel | None = None,
+    calibration_preferred=None,
     progress: ProgressFn | None = None,
     overwrite: bool = False,
 ) -> RerankResult:
@@ -73,7 +74,10 @@ def rerank_candidates(
     is given (then they are only scored). One of the two is required: there is no ranking
     by uncalibrated scores. For every calibration query, ``result.calibration`` holds its
     highest-ranked same-identity candidate and at least its 5 highest-ranked candidates of
-    other identities (``select_calibration_pairs``).
+    other identities (``select_calibration_pairs``). ``calibration_preferred``: image ids
+    the model never trained on (a checkpoint's held-out calibration images), drawn first as
+    calibration queries: pairs of training images are almost all "same" at the top and
+    would teach the fusion that every strong candidate is the same animal (issue 14).
     """
     t_start = time.perf_counter()
     if not isinstance(cfg, RerankConfig):
@@ -89,7 +93,9 @@ def rerank_candidates(
     queries = candidates_frame(query_candidates, "the query candidates")
     calib = None
     if calibration_candidates is not None:
-        calib = select_calibration_pairs(calibration_candidates, manifest, cfg)
+        calib = select_calibration_pairs(
+            calibration_candidates, manifest, cfg, preferred=calibration_preferred
+        )
         n_neg = int((~calib["same"]).sum())
         if fusion is None and n_neg < cfg.min_negatives:  # refused before any matching
             raise ConfigError(
@@ -121,6 +127,11 @@ def rerank_candidates(
         calib = calib.merge(local, on=["query_id", "gallery_id"], how="left")
         stats["calibration"] = {
             "queries": int(calib["query_id"].nunique()),
+            "preferred_queries": int(
+                calib.loc[
+                    calib["query_id"].isin(set(calibration_preferred or ())), "query_id"
+                ].nunique()
+            ),
             "identities": int(calib["identity"].nunique()),
             "pairs": int(len(calib)),
             "same_pairs": int(calib["same"].sum()),

@@ -70,10 +70,13 @@ def rank_positions(df) -> np.ndarray:
     return pos
 
 
-def select_calibration_pairs(calibration_candidates: pa.Table, manifest, cfg: RerankConfig):
+def select_calibration_pairs(
+    calibration_candidates: pa.Table, manifest, cfg: RerankConfig, preferred=None
+):
     """The labelled gallery pairs to score for calibration (pandas, with ``same`` and the
     query's ``identity``). Per calibration query (a seeded sample of ``calibration_queries``
-    labelled queries; self-pairs and unlabelled candidates dropped):
+    labelled queries, drawn first from ``preferred``: the images the model did not train
+    on, whose scores look like a real query's; self-pairs and unlabelled candidates dropped):
 
     * its first ``calibration_top_k`` candidates;
     * its highest-ranked same-identity candidate, wherever it is;
@@ -92,8 +95,8 @@ def select_calibration_pairs(calibration_candidates: pa.Table, manifest, cfg: Re
     df["pos"] = rank_positions(df)
     queries = np.array(sorted(df["query_id"].unique()))
     if len(queries) > cfg.calibration_queries:
-        rng = np.random.default_rng(cfg.seed)
-        queries = np.sort(rng.choice(queries, size=cfg.calibration_queries, replace=False))
+        first = np.isin(queries, list(preferred or ()))
+        queries = draw_preferred(queries, cfg.calibration_queries, first, cfg.seed)
         df = df[df["query_id"].isin(set(queries))]
     df = df.sort_values(["query_id", "pos"]).reset_index(drop=True)
     df["identity"] = df["query_id"].map(ident)
@@ -115,6 +118,18 @@ def select_calibration_pairs(calibration_candidates: pa.Table, manifest, cfg: Re
                 spread = np.linspace(0, len(rest) - 1, cfg.calibration_deep_negatives)
                 keep[rest[np.unique(spread.round().astype(int))]] = True
     return df[keep].reset_index(drop=True)
+
+
+def draw_preferred(items: np.ndarray, n: int, preferred_mask: np.ndarray, seed: int):
+    """``n`` of ``items`` (sorted, seeded): those where ``preferred_mask`` holds first (a
+    sample of them when there are more), the rest drawn from the others."""
+    rng = np.random.default_rng(seed)
+    chosen = items[preferred_mask]
+    if len(chosen) >= n:
+        return np.sort(rng.choice(chosen, size=n, replace=False))
+    rest = items[~preferred_mask]
+    fill = rng.choice(rest, size=min(n - len(chosen), len(rest)), replace=False)
+    return np.sort(np.concatenate([chosen, fill]))
 
 
 def apply_fusion(df, fusion: FusionModel, top_k: int) -> pa.Table:
