@@ -50,6 +50,25 @@ def test_fit_calibration_separates_well_separated_identities():
     assert probability(np.array([same]), cal)[0] > 0.5 > probability(np.array([other]), cal)[0]
 
 
+def test_fit_calibration_simulates_with_the_images_the_model_never_trained_on():
+    """A fine-tuned model packs its training identities tight; the held-out ones look like
+    real queries. With a checkpoint's held-out ids the threshold comes from those."""
+    from reid_ray.index import build_index
+
+    ids, identities, x = _blobs(10, 4, noise=0.01)
+    _, _, loose = _blobs(10, 4, noise=0.6, seed=1)
+    held = np.isin(identities, [f"id{i}" for i in range(5, 10)])
+    x[held] = loose[held]
+    index = build_index(x, ids)
+    cal = fit_calibration(ids, identities, x, index, k=10, max_queries=20,
+                          heldout_ids=set(ids[held]))  # fmt: skip
+    assert cal["n_known"] == 20 and cal["info"]["heldout"]  # the 20 held-out images only
+    assert cal["fitted_on"].startswith("held-out images")
+    plain = fit_calibration(ids, identities, x, index, k=10)
+    assert not plain["info"]["heldout"] and plain["n_known"] == 40
+    assert cal["auroc"] < plain["auroc"]  # the training images' view is optimistic
+
+
 def test_fit_calibration_refuses_a_gallery_of_single_images():
     from reid_ray.index import build_index
 
@@ -170,6 +189,19 @@ def test_rerank_decision_is_fitted_on_simulated_known_and_absent_queries():
     assert decision["threshold_source"].startswith("simulated open set")
     assert decision["simulated"]["baus"] == pytest.approx(1.0)
     assert decision["score"] == "top-1 calibrated fused probability"
+
+
+def test_rerank_decision_uses_the_held_out_queries_when_enough():
+    from reid_ray.gallery.reranking import fit_rerank_decision
+
+    table, identity_of = _calibration_pairs(40)
+    held = {f"q{i}" for i in range(12)}  # 6 individuals: enough (5)
+    _, decision = fit_rerank_decision(table, identity_of, seed=0, heldout_ids=held)
+    assert decision["n_known"] == decision["n_unknown"] == 12
+    assert "held-out images only" in decision["fitted_on"]
+    few = {f"q{i}" for i in range(8)}  # 4 individuals: all queries, as without held-out ids
+    _, decision = fit_rerank_decision(table, identity_of, seed=0, heldout_ids=few)
+    assert decision["n_known"] == 40 and "held-out" not in decision["fitted_on"]
 
 
 def test_rerank_decision_falls_back_to_one_half_without_absent_samples():
