@@ -101,8 +101,9 @@ def _grow(gallery: str, n_total: int, seed: int, cfg) -> float:
     ids = [f"synthetic-{i:06d}" for i in range(n_add)]
     rows = gallery_table(ids, [f"synthetic-id-{i // 4:05d}" for i in range(n_add)], x, v.key,
                          [None] * n_add, "", "benchmark")  # fmt: skip
-    write_version(gallery, rows, parent=v, model=v.info["model"], calibrate=calibrator(cfg),
-                  operation="merge", merged=[{"results": "synthetic", "added": n_add}])  # fmt: skip
+    write_version(gallery, rows, parent=v, model=v.info["model"],
+                  calibrate=calibrator(cfg, v.info["model"]["ref"]), operation="merge",
+                  merged=[{"results": "synthetic", "added": n_add}])  # fmt: skip
     return time.perf_counter() - t
 
 

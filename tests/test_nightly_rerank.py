@@ -138,7 +138,8 @@ def test_rerank_refuses_a_gallery_without_image_paths(world, tmp_path):
     rows = gallery_table([f"vec-{i}" for i in range(4)], ["vec-a", "vec-a", "vec-b", "vec-b"],
                          x, v.key, [None] * 4, "", "test")  # fmt: skip
     write_version(str(g), rows, parent=v, model=v.info["model"],
-                  calibrate=calibrator(_cfg(world["yaml"])), operation="merge")  # fmt: skip
+                  calibrate=calibrator(_cfg(world["yaml"]), v.info["model"]["ref"]),
+                  operation="merge")  # fmt: skip
     with pytest.raises(ConfigError, match="stores no image path for 4 of"):
         identify(str(g), str(world["root"] / "night.csv"), str(tmp_path / "out"),
                  _cfg(world["yaml"]))  # fmt: skip
