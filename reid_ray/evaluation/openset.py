@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 RULES = ("balanced", "false_new", "false_known")
 
 
+# held-out individuals the decision needs before it trusts them over the training images
+# (training holds out at least this many: ``reid_ray.train.rows.calibration_identities``)
+MIN_HELDOUT_IDENTITIES = 5
+
+
 @dataclass(frozen=True)
 class DecisionConfig:
     """How the known-vs-new threshold is chosen.
@@ -63,7 +68,7 @@ class DecisionConfig:
     target: float | None = None
     min_auroc: float = 0.6
     min_samples: int = 20
-    min_heldout_identities: int = 5
+    min_heldout_identities: int = MIN_HELDOUT_IDENTITIES
     max_samples: int = 20_000
     seed: int = 0
 

@@ -7,8 +7,8 @@ probability of the top candidate then decides known vs new.
 The fusion is fitted once per gallery version and re-ranking settings, and stored with the
 version (``G/versions/vNNNN/rerank/<key>.json``): calibration queries are a seeded sample of
 gallery images (``calibration_queries`` of the rerank config, from identities with at least
-two images; a checkpoint's held-out images, never trained on, drawn first), each searched against the gallery without itself (a Ray task loads the index,
-not the driver); ``rerank_candidates`` scores their pairs with the night's and fits. Later
+two images; a checkpoint's held-out images, never trained on, drawn first), each searched
+against the gallery without itself (a Ray task loads the index, not the driver); ``rerank_candidates`` scores their pairs with the night's and fits. Later
 nights against the same version reuse the stored fusion, so a rerun decides the same way.
 Local features are cached in the gallery's ``features_cache`` (each image extracted once,
 across nights) unless the rerank config names a ``cache_dir``.
@@ -103,12 +103,13 @@ def stored_key(rcfg, calibration_k: int) -> str:
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
-def _calibration_search(gallery: str, version: str, n: int, k: int, seed: int) -> pa.Table:
+def _calibration_search(
+    gallery: str, version: str, n: int, k: int, seed: int, heldout=None
+) -> pa.Table:
     """Leave-one-out candidates of a seeded sample of gallery images (runs as a Ray task)."""
     from reid_ray.embed.store import table_to_matrix
     from reid_ray.gallery.store import open_version
     from reid_ray.index import load_index, search
-    from reid_ray.models import read_heldout_ids
     from reid_ray.rerank.ranking import draw_preferred
 
     v = open_version(gallery, version)
@@ -118,8 +119,7 @@ def _calibration_search(gallery: str, version: str, n: int, k: int, seed: int) -
     _, inverse, counts = np.unique(identity, return_inverse=True, return_counts=True)
     eligible = np.nonzero(counts[inverse] >= 2)[0]
     if len(eligible) > n:
-        heldout = read_heldout_ids(v.info["model"]["ref"]) or ()
-        first = np.isin(ids[eligible], list(heldout))
+        first = np.isin(ids[eligible], list(heldout or ()))
         eligible = draw_preferred(eligible, n, first, seed)
     if len(eligible) == 0 or len(ids) < 2:
         return pa.table({"query_id": pa.array([], pa.string()),
@@ -141,7 +141,9 @@ def _calibration_search(gallery: str, version: str, n: int, k: int, seed: int) -
                      "score": pa.array(s, pa.float64()), "rank": pa.array(r, pa.int32())})  # fmt: skip
 
 
-def calibration_candidates(version: GalleryVersion, n: int, k: int, seed: int) -> pa.Table:
+def calibration_candidates(
+    version: GalleryVersion, n: int, k: int, seed: int, heldout=None
+) -> pa.Table:
     """``_calibration_search`` on the cluster: the index is loaded by a worker, and only the
     ``n`` x ``k`` candidate rows come back."""
     import ray
@@ -149,7 +151,7 @@ def calibration_candidates(version: GalleryVersion, n: int, k: int, seed: int) -
     from reid_ray.runtime import get_result
 
     task = ray.remote(num_cpus=0.5)(_calibration_search)
-    return get_result(task.remote(version.root, version.name, n, k, seed))
+    return get_result(task.remote(version.root, version.name, n, k, seed, heldout))
 
 
 def fit_rerank_decision(
@@ -265,7 +267,7 @@ def rerank_night(
         fusion = FusionModel.from_dict(stored["fusion"])
     else:
         calib = calibration_candidates(
-            version, rcfg.calibration_queries, cfg.calibration.k, rcfg.seed
+            version, rcfg.calibration_queries, cfg.calibration.k, rcfg.seed, heldout
         )
     needed = set(long["gallery_id"])
     if calib is not None:

@@ -43,18 +43,15 @@ def class_table(train: pa.Table) -> tuple[list[str], np.ndarray]:
     return [str(i) for i in ids], counts
 
 
-# the evaluation's DecisionConfig.min_heldout_identities: fewer held-out individuals and
-# the decision falls back to the (optimistic) training images
-MIN_HELDOUT_IDENTITIES = 5
-
-
 def calibration_identities(
     identities: list[str], fraction: float, min_identities: int, seed: int
 ) -> list[str]:
     """The identities held out for calibration: ``round(fraction * n)``, but at least
-    :data:`MIN_HELDOUT_IDENTITIES` (what the known-vs-new decision needs to trust them) or
-    a quarter of them, of the ``n`` sorted ``identities`` when ``n >= min_identities``, else none. Seeded: the
-    same identities on every machine; at least two identities always stay for training."""
+    ``MIN_HELDOUT_IDENTITIES`` (what the known-vs-new decision needs to trust them) or a
+    quarter of them, of the ``n`` sorted ``identities`` when ``n >= min_identities``, else
+    none. Seeded: the same identities on every machine; at least two always train."""
+    from reid_ray.evaluation.openset import MIN_HELDOUT_IDENTITIES
+
     ids = sorted(set(map(str, identities)))
     if fraction <= 0 or len(ids) < min_identities:
         return []
