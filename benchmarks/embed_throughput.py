@@ -13,8 +13,8 @@ One run measures, side by side on this machine:
    to the first finished batch (actor start-up, model load).
 3. **peak memory** of the pipeline at two dataset sizes: the largest sum of PSS
    (proportional set size: shared pages such as the object store counted once) over the
-   child's whole process tree (driver, GCS, raylet, workers), sampled every 0.5 s (the
-   process list refreshed every 2 s; psutil); with the CPU seconds of every process in
+   child's whole process tree (driver, GCS, raylet, workers), sampled every 2 s (the
+   process list refreshed every 4 s; psutil); with the CPU seconds of every process in
    the tree, so the CPU cost per image compares with the ceiling's whatever the load.
 
 Usage::
@@ -61,9 +61,13 @@ class TreeMemorySampler(threading.Thread):
     such as the object store once), and the CPU seconds each process used (the last
     value seen before it exited)."""
 
-    def __init__(self, pid: int, interval: float = 0.5, rescan: float = 2.0) -> None:
+    def __init__(self, pid: int, interval: float = 2.0, rescan: float = 4.0) -> None:
         super().__init__(daemon=True)
+        # reading every process's smaps (PSS) costs CPU that the pipeline, sharing the same
+        # cores, then lacks: sampled every 2 s (a streaming pipeline's memory is a plateau,
+        # not a spike), and the sampler's own CPU time is recorded
         self.pid, self.interval, self.rescan = pid, interval, rescan
+        self.cpu_seconds = 0.0
         self.peak_pss_kb = self.peak_rss_kb = 0
         self.peak_processes = 0
         self.samples = 0
@@ -105,6 +109,7 @@ class TreeMemorySampler(threading.Thread):
             self.peak_rss_kb = max(self.peak_rss_kb, rss)
             self.peak_processes = max(self.peak_processes, len(procs))
             self.samples += 1
+            self.cpu_seconds = time.thread_time()
             self._halt.wait(self.interval)
 
     def stop(self) -> None:
@@ -208,6 +213,8 @@ def run_pipeline(manifest: str, out: str, args, cfg: dict) -> dict:
     out_json["peak_rss_mb"] = sampler.peak_rss_kb / 1024
     out_json["peak_processes"] = sampler.peak_processes
     out_json["memory_samples"] = sampler.samples
+    out_json["memory_sample_interval_seconds"] = sampler.interval
+    out_json["sampler_cpu_seconds"] = round(sampler.cpu_seconds, 1)
     cpu = sampler.cpu_by_name()
     out_json["cpu_seconds"] = sum(cpu.values())
     out_json["cpu_seconds_per_image"] = out_json["cpu_seconds"] / max(out_json["images"], 1)
@@ -344,7 +351,8 @@ def main() -> None:
     # one toy zoo of the largest size; smaller runs use its first rows
     n_max = sizes[-1]
     individuals = max(2, n_max // 10)
-    zoo = work / "zoo"
+    # named by what it holds: a --workdir reused with other sizes never runs on a smaller zoo
+    zoo = work / f"zoo_{individuals}x10_{args.source_px}px"
     if not (zoo / "metadata.csv").exists():
         generate_zoo(
             str(zoo), species=3, individuals=individuals, images_per=10, size=args.source_px, seed=0
@@ -352,6 +360,8 @@ def main() -> None:
     import pandas as pd
 
     meta = pd.read_csv(zoo / "metadata.csv", dtype=str, keep_default_na=False)
+    if len(meta) < n_max:
+        raise SystemExit(f"{zoo} holds {len(meta)} images, fewer than {n_max}: remove it")
     manifests = {}
     for n in sizes:
         path = zoo / f"manifest_{n}.csv"
@@ -438,8 +448,8 @@ def main() -> None:
             "ceiling_cpu_seconds_per_image": ceiling_cpu,
             "cpu_efficiency": ceiling_cpu / big["cpu_seconds_per_image"],
             "pipeline_cpu_seconds_by_process": big["cpu_seconds_by_process"],
-            "target_ratio": 0.8,
-            "meets_target": ratio >= 0.8,
+            "target_ratio": 0.85,  # issue 13: embedding stays >= 0.85 of its model-only ceiling
+            "meets_target": ratio >= 0.85,
         },
         "memory": {
             "runs": {
@@ -455,6 +465,8 @@ def main() -> None:
                         "pipeline_seconds",
                         "seconds_to_first_batch",
                         "memory_samples",
+                        "memory_sample_interval_seconds",
+                        "sampler_cpu_seconds",
                         "cpu_seconds_per_image",
                         "cpu_seconds_by_process",
                     )
@@ -480,7 +492,7 @@ def main() -> None:
             "daemons included): what the pipeline costs on top of the model, insensitive to "
             "other jobs on a shared machine",
             "peak_pss_mb": "largest summed PSS of the pipeline's process tree (driver, GCS, "
-            "raylet, workers; shared object-store pages counted once), sampled every 0.5 s "
+            "raylet, workers; shared object-store pages counted once), sampled every 2 s "
             "(the process list refreshed every 2 s)",
         },
         "total_seconds": time.perf_counter() - t_start,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +26,13 @@ from reid_ray.errors import ImageError
 logger = logging.getLogger(__name__)
 
 PASS_THROUGH = ("image_id", "path", "identity", "species", "viewpoint")
+
+# Decoder actors run at a lower OS priority: Ray's CPU shares are bookkeeping, not limits,
+# and a decoder can decode far faster than inference consumes; at equal priority it takes
+# cores from the inference actor (the bottleneck) while it fills the object store, most
+# visibly while that actor is still importing torch and loading its model. Niced, it
+# uses whatever the bottleneck leaves idle, which is all it needs.
+DECODER_NICENESS = 10
 
 
 def _read(path: str) -> bytes | ImageError:
@@ -97,7 +105,10 @@ class Decoder:
         resize_mode: str = "resize",
         interpolation: str = "bilinear",
         read_threads: int = 8,
+        niceness: int = DECODER_NICENESS,
     ) -> None:
+        if niceness > 0:
+            os.nice(niceness)  # this process is the actor's alone: it dies with it
         self.kwargs = dict(size=tuple(size), resize_mode=resize_mode, interpolation=interpolation)
         self.pool = ThreadPoolExecutor(max(1, int(read_threads)), thread_name_prefix="read")
 
