@@ -357,6 +357,11 @@ def main() -> None:
         generate_zoo(
             str(zoo), species=3, individuals=individuals, images_per=10, size=args.source_px, seed=0
         )
+        import ray
+
+        # zoos above 5,000 images render on a local Ray cluster: stop it, or its idle
+        # processes share the cores with the pipeline measured below
+        ray.shutdown()
     import pandas as pd
 
     meta = pd.read_csv(zoo / "metadata.csv", dtype=str, keep_default_na=False)
