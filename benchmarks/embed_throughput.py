@@ -498,7 +498,7 @@ def main() -> None:
             "other jobs on a shared machine",
             "peak_pss_mb": "largest summed PSS of the pipeline's process tree (driver, GCS, "
             "raylet, workers; shared object-store pages counted once), sampled every 2 s "
-            "(the process list refreshed every 2 s)",
+            "(the process list refreshed every 4 s)",
         },
         "total_seconds": time.perf_counter() - t_start,
     }
