@@ -8,8 +8,9 @@ The fusion is fitted once per gallery version and re-ranking settings, and store
 version (``G/versions/vNNNN/rerank/<key>.json``): calibration queries are a seeded sample of
 gallery images (``calibration_queries`` of the rerank config, from identities with at least
 two images; a checkpoint's held-out images, never trained on, drawn first), each searched
-against the gallery without itself (a Ray task loads the index, not the driver); ``rerank_candidates`` scores their pairs with the night's and fits. Later
-nights against the same version reuse the stored fusion, so a rerun decides the same way.
+against the gallery without itself (a Ray task loads the index, not the driver);
+``rerank_candidates`` scores their pairs with the night's and fits. Later nights against
+the same version reuse the stored fusion, so a rerun decides the same way.
 Local features are cached in the gallery's ``features_cache`` (each image extracted once,
 across nights) unless the rerank config names a ``cache_dir``.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +106,7 @@ def stored_key(rcfg, calibration_k: int) -> str:
 
 
 def _calibration_search(
-    gallery: str, version: str, n: int, k: int, seed: int, heldout=None
+    gallery: str, version: str, n: int, k: int, seed: int, heldout: Collection[str] | None = None
 ) -> pa.Table:
     """Leave-one-out candidates of a seeded sample of gallery images (runs as a Ray task)."""
     from reid_ray.embed.store import table_to_matrix
@@ -142,7 +144,7 @@ def _calibration_search(
 
 
 def calibration_candidates(
-    version: GalleryVersion, n: int, k: int, seed: int, heldout=None
+    version: GalleryVersion, n: int, k: int, seed: int, heldout: Collection[str] | None = None
 ) -> pa.Table:
     """``_calibration_search`` on the cluster: the index is loaded by a worker, and only the
     ``n`` x ``k`` candidate rows come back."""
