@@ -59,6 +59,31 @@ ROUTINE_NOTICES = (
     "ray.data._internal.progress",  # "progress bars disabled" (ours replace them)
 )
 
+#: (logger prefix, message fragment): Ray warnings routine only by their text. Ray Data's
+#: high-memory detector compares each worker's whole footprint (torch and the model loaded)
+#: with the 0 bytes it requests and repeats that every 30 s through a training run; the
+#: "hanging operator" detector of the same logger stays on the terminal. A sweep resumed
+#: after a hard kill finds no Tune result files for the trials that finished (Tune had not
+#: synced them): the sweep reads each AL run's own metrics.json, so that is routine too.
+ROUTINE_MESSAGES = (
+    ("ray.data._internal.issue_detection.issue_detector_manager", "of memory per worker"),
+    ("ray.data._internal.issue_detection.issue_detector_manager", "To disable issue detection"),
+    ("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics"),
+)
+
+
+def _routine(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is a routine Ray notice (log file only), by logger or by text."""
+    if record.name.startswith(ROUTINE_NOTICES):
+        return True
+    text = None
+    for prefix, fragment in ROUTINE_MESSAGES:
+        if record.name.startswith(prefix):
+            text = record.getMessage() if text is None else text
+            if fragment in text:
+                return True
+    return False
+
 
 class _ToFileOnly(logging.Filter):
     """Keep a record off the terminal; hand it to the log file's handler instead."""
@@ -68,7 +93,7 @@ class _ToFileOnly(logging.Filter):
         self.file_handler = file_handler
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith(ROUTINE_NOTICES):
+        if not _routine(record):
             return True
         if self.file_handler is not None and record.levelno >= self.file_handler.level:
             self.file_handler.handle(record)
@@ -77,7 +102,8 @@ class _ToFileOnly(logging.Filter):
 
 def route_ray_logs(log_file: str | None) -> str | None:
     """Send Ray's own loggers to ``log_file`` (INFO and up); keep only their warnings on
-    the terminal (less :data:`ROUTINE_NOTICES`). With ``verbose`` nothing is rerouted.
+    the terminal (less :data:`ROUTINE_NOTICES` and :data:`ROUTINE_MESSAGES`). With
+    ``verbose`` nothing is rerouted.
 
     ``ray.init`` drops the handlers of the ``ray`` logger: :func:`reid_ray.runtime.init_ray`
     calls this again afterwards (``log_file`` None re-applies the current file). The path
@@ -129,7 +155,7 @@ def route_ray_logs(log_file: str | None) -> str | None:
             lg.addHandler(terminal)
     # records Ray logs while its handlers are cleared (inside ray.init) fall to Python's
     # last-resort handler: filter the routine ones at their own loggers
-    for name in ROUTINE_NOTICES:
+    for name in (*ROUTINE_NOTICES, *{prefix for prefix, _ in ROUTINE_MESSAGES}):
         lg = logging.getLogger(name)
         lg.filters = [f for f in lg.filters if not isinstance(f, _ToFileOnly)]
         lg.addFilter(_ToFileOnly(file_handler))
@@ -138,6 +164,11 @@ def route_ray_logs(log_file: str | None) -> str | None:
     if first:
         console().print(f"[dim]Ray logs: {path}[/dim]", highlight=False)
     return path
+
+
+def ray_log_in_use() -> str | None:
+    """The log file Ray's logs go to now (None: not routed yet, or ``verbose``)."""
+    return _state["log_file"]
 
 
 def ray_log_path(out: str | None) -> str:

@@ -46,13 +46,14 @@ def init_ray(
 
     A local cluster stays on 127.0.0.1 so it works on machines without a routable
     address. Ray's own INFO logging goes to ``log_file`` (see
-    :func:`reid_ray.console.route_ray_logs`) when given.
+    :func:`reid_ray.console.route_ray_logs`) when given and no log file is in use yet: a
+    stage called by a command keeps the command's log, the one its user was told about.
     """
     import ray
 
-    from reid_ray.console import route_ray_logs
+    from reid_ray.console import ray_log_in_use, route_ray_logs
 
-    route_ray_logs(log_file)
+    route_ray_logs(None if ray_log_in_use() else log_file)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

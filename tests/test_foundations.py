@@ -301,11 +301,15 @@ _LOG_SCRIPT = textwrap.dedent(
     console.setup_logging(verbose=sys.argv[2] == "1")
     used = console.route_ray_logs(sys.argv[1])
     init_ray()  # joins the test cluster (RAY_ADDRESS); ray.init resets Ray's handlers
+    init_ray(log_file=sys.argv[1].replace("ray.log", "stage.log"))  # a stage asks for its own
     import ray.data
 
     assert ray.data.range(20, override_num_blocks=2).map_batches(lambda b: b).count() == 20
     logging.getLogger("ray.data").info("marker-info-from-ray-data")
     logging.getLogger("ray").warning("marker-warning-from-ray")
+    detector = logging.getLogger("ray.data._internal.issue_detection.issue_detector_manager")
+    detector.warning("Operator 'MapBatches(marker)' uses 385.4MiB of memory per worker")
+    detector.warning("marker-hanging: Operator 'MapBatches(x)' has been running for 300 s")
     logging.getLogger("reid_ray.test").info("marker-info-from-reid-ray")
     print("used", used)
     """
@@ -334,7 +338,13 @@ def test_ray_info_goes_to_the_log_file_not_the_terminal(ray_cluster, tmp_path):
     assert "marker-info-from-ray-data" not in terminal and "execution finished" not in terminal
     # Ray's warnings and reid-ray's own INFO stay on the terminal; the path is printed once
     assert "marker-warning-from-ray" in terminal and "marker-info-from-reid-ray" in terminal
+    # Ray Data's per-worker memory notice (every 30 s in training) is routine: file only;
+    # the same detector's other warnings (a hanging operator) stay on the terminal
+    assert "MapBatches(marker)" in logged and "MapBatches(marker)" not in terminal
+    assert "marker-hanging" in terminal
     assert terminal.count("Ray logs:") == 1 and "ray.log" in terminal
+    # a stage run by a command (train inside benchmark, al, ...) keeps the command's log
+    assert not (tmp_path / "out" / "logs" / "stage.log").exists()
 
 
 @pytest.mark.slow

@@ -172,6 +172,8 @@ def plot(df: pd.DataFrame, path: str) -> bool:
     def draw(ax, sub: pd.DataFrame, _name: str) -> None:
         pivot = sub.pivot_table(index="method", columns="species", values="mAP", sort=False)
         pivot.plot.bar(ax=ax, rot=30)
+        for label in ax.get_xticklabels():  # long method names end under their own bars
+            label.set_horizontalalignment("right")
         ax.set_ylabel("mAP")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7, title="species")

@@ -77,8 +77,11 @@ def plot(summary: pd.DataFrame, path: str) -> bool:
         for sampler, g in sub.groupby("sampler", sort=True):
             ax.errorbar(g["budget_value"], g["mAP_mean"], yerr=g["mAP_std"], marker="o",
                         capsize=3, label=sampler)  # fmt: skip
-        if (sub["budget_value"] > 0).all() and sub["budget_value"].max() < 1:
+        budgets = sorted(set(sub["budget_value"].tolist()))
+        if budgets and budgets[0] > 0 and budgets[-1] < 1:  # shares of all pairs
             ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(budgets, [f"{100 * v:g}%" for v in budgets])
         ax.set_xlabel("budget (share of train pairs)")
         ax.set_ylabel("mAP")
         ax.legend(title="sampler", fontsize=8)
