@@ -90,6 +90,23 @@ def test_warmup_cosine_schedule():
     assert all(a >= b for a, b in zip(f[4:], f[5:], strict=False))
 
 
+def test_head_warmup_freezes_the_backbone_then_warms_it_up():
+    from reid_ray.train.loop import lr_factors
+
+    cfg = TrainConfig(epochs=4, warmup_epochs=1.0, head_warmup_epochs=1.0, min_lr_ratio=0.1)
+    f = [lr_factors(s, cfg=cfg, steps_per_epoch=4) for s in range(17)]
+    backbone, neck, head = (list(x) for x in zip(*f, strict=True))
+    assert backbone[:4] == [0.0] * 4  # frozen through the first epoch
+    assert neck[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and head == neck
+    assert backbone[4:8] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # its own warmup after
+    assert backbone[16] == pytest.approx(0.1) and neck[16] == pytest.approx(0.1)
+    # without head warmup all groups share one schedule (the pre-LP-FT behaviour)
+    plain = TrainConfig(epochs=4, warmup_epochs=1.0, min_lr_ratio=0.1)
+    assert all(len(set(lr_factors(s, cfg=plain, steps_per_epoch=4))) == 1 for s in range(17))
+    with pytest.raises(ConfigError, match="head_warmup_epochs"):
+        TrainConfig(epochs=2, head_warmup_epochs=2).validate()
+
+
 def test_augment_normalises_and_keeps_flanks_by_default():
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     aug = TrainAugment(AugmentConfig(), (24, 24), mean, std)
@@ -305,13 +322,29 @@ def test_two_workers_train_and_the_checkpoint_is_a_model(ray_cluster, tiny_zoo, 
 
     out = str(tmp_path / "run")
     seen = []
-    # 10 training identities: hold 2 out for calibration (the default needs 20)
-    cfg = TrainConfig(**TINY, workers=2, calibration_fraction=0.2, calibration_min_identities=5)
+    # 10 training identities: hold 2 out for calibration (the default needs 20);
+    # epoch 1 trains the neck and head only (LP-FT)
+    cfg = TrainConfig(
+        **TINY, workers=2, calibration_fraction=0.2, calibration_min_identities=5,
+        head_warmup_epochs=1.0,
+    )  # fmt: skip
     summary = train(
         tiny_zoo["manifest"], out, split_path=tiny_zoo["split"], config=cfg, progress=seen.append
     )
     assert [r["epoch"] for r in seen] == [1, 2]
     assert summary["epochs_completed"] == 2 and len(summary["val_mAP"]) == 2
+    assert 0.0 < summary["val_mAP_start"] <= 1.0  # the start point, scored before epoch 1
+    # after the head warm-up the backbone is the start's, BatchNorm statistics included;
+    # the neck has trained, and the backbone trains in epoch 2
+    from reid_ray.train.trainer import model_start
+
+    before = model_start(cfg).net.state_dict()
+    after = [load(f"{out}/run/epoch_{e:04d}/model.pt").model.state_dict() for e in (1, 2)]
+    backbone = [k for k in before if k.startswith("backbone.")]
+    assert backbone and any("running_mean" in k for k in backbone)
+    assert all(torch.equal(before[k], after[0][k]) for k in backbone)
+    assert not all(torch.equal(before[k], after[1][k]) for k in backbone)
+    assert not torch.equal(before["neck.0.weight"], after[0]["neck.0.weight"])
     assert all(math.isfinite(v) for v in summary["train_loss"])
     for name in ("model.pt", "metrics.json", "manifest.json", "calibration_ids.txt"):
         assert os.path.exists(os.path.join(out, name))
@@ -348,7 +381,6 @@ def test_two_workers_train_and_the_checkpoint_is_a_model(ray_cluster, tiny_zoo, 
     assert again["skipped"] is True and again["epochs_completed"] == 2
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_one_and_two_workers_both_train(ray_cluster, tiny_zoo, tmp_path):
     from reid_ray.train.trainer import train

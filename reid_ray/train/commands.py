@@ -21,6 +21,8 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     """The one-screen summary of a run (``metrics.json``), as key/value rows."""
     c, t, r = summary["counts"], summary["timings"], summary["resources"]
     curve = ", ".join(_fmt(v, 3) for v in summary["val_mAP"][-8:])
+    if summary.get("val_mAP_start") is not None and len(summary["val_mAP"]) <= 8:
+        curve = f"{_fmt(summary['val_mAP_start'], 3)} (start) -> {curve}"
     return [
         ("started from", summary["model_start"]),
         ("network", f"{summary['net']['backbone']} + {summary['net']['pooling']} -> "

@@ -74,6 +74,33 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def lr_factors(step: int, *, cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
+    """LR multipliers of the backbone, neck and head groups (:func:`param_groups`) at ``step``.
+
+    The neck and head follow :func:`warmup_cosine` over the whole run. The backbone stays at
+    0 for ``head_warmup_epochs``, then gets its own warmup and cosine over what is left.
+    """
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    frozen = head_warmup_steps(cfg, steps_per_epoch)
+    rest = warmup_cosine(step, warmup_steps=warmup, total_steps=total, min_ratio=cfg.min_lr_ratio)
+    if step < frozen:
+        backbone = 0.0
+    else:
+        backbone = warmup_cosine(
+            step - frozen,
+            warmup_steps=min(warmup, max(0, total - frozen)),
+            total_steps=max(1, total - frozen),
+            min_ratio=cfg.min_lr_ratio,
+        )
+    return [backbone, rest, rest]
+
+
+def head_warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimiser steps during which the backbone is frozen (``head_warmup_epochs``)."""
+    return int(round(cfg.head_warmup_epochs * steps_per_epoch))
+
+
 def build_net(net_cfg: NetConfig, state_dict: dict) -> ReidNet:
     """The network with the start weights the driver built through ``models.load``."""
     net = ReidNet(net_cfg)
@@ -169,16 +196,14 @@ def train_loop(loop_cfg: dict) -> None:
     core = _unwrap(model)
     optimizer = torch.optim.AdamW(param_groups(core, cfg), weight_decay=cfg.weight_decay)
     steps_per_epoch = int(loop_cfg["steps_per_epoch"])
-    total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: warmup_cosine(
-            step,
-            warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
-            total_steps=total_steps,
-            min_ratio=cfg.min_lr_ratio,
-        ),
+        [
+            lambda step, g=g: lr_factors(step, cfg=cfg, steps_per_epoch=steps_per_epoch)[g]
+            for g in range(len(optimizer.param_groups))
+        ],
     )
+    frozen_steps = head_warmup_steps(cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -191,12 +216,30 @@ def train_loop(loop_cfg: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_cfg["has_val"] and rank == 0 else None
 
+    def validate() -> dict:
+        tv = time.perf_counter()
+        emb, ids = embed_batches(
+            core.net,
+            val_shard.iter_batches(batch_size=cfg.val_batch_size, batch_format="numpy"),
+            preprocess,
+            device,
+        )
+        val = leave_one_out_metrics(emb, ids, top_k=cfg.val_top_k)
+        val = {f"val_{k}": v for k, v in val.items()}
+        val["val_s"] = round(time.perf_counter() - tv, 3)
+        return val
+
+    # the start point (pretrained backbone, new neck) scored the same way as every epoch
+    start_val = validate() if val_shard is not None and start_epoch == 0 else {}
+
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
         model.train()
         loss_sum, n_images, n_steps = 0.0, 0, 0
         for batch in _epoch_batches(train_shard, cfg, epoch, rank, device):
+            # frozen backbone: its BatchNorm statistics stay the pretrained ones too
+            core.net.backbone.train(scheduler.last_epoch >= frozen_steps)
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
             x = augment(images)
@@ -221,6 +264,7 @@ def train_loop(loop_cfg: dict) -> None:
             "images": int(n_images_all),
             "steps": n_steps,
             "lr": optimizer.param_groups[1]["lr"],
+            "backbone_lr": optimizer.param_groups[0]["lr"],
             "train_s": round(train_s, 3),
             "images_per_s": round(n_images_all / train_s, 2) if train_s > 0 else None,
             "attempt": loop_cfg["attempt"],
@@ -229,18 +273,10 @@ def train_loop(loop_cfg: dict) -> None:
             ray.train.report(record)
             continue
 
-        val: dict = {}
-        if val_shard is not None:
-            tv = time.perf_counter()
-            emb, ids = embed_batches(
-                core.net,
-                val_shard.iter_batches(batch_size=cfg.val_batch_size, batch_format="numpy"),
-                preprocess,
-                device,
-            )
-            val = leave_one_out_metrics(emb, ids, top_k=cfg.val_top_k)
-            val = {f"val_{k}": v for k, v in val.items()}
-            val["val_s"] = round(time.perf_counter() - tv, 3)
+        val = validate() if val_shard is not None else {}
+        if epoch == 0 and start_val:
+            val["val_mAP_start"] = start_val.get("val_mAP")
+            val["val_top1_start"] = start_val.get("val_top1")
         record.update(val)
         val_map = record.get("val_mAP")
         has_score = val_map is not None and math.isfinite(val_map)

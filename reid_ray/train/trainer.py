@@ -351,6 +351,7 @@ def train(
         "resumed": len(attempts) > 1,
         "best_epoch": int(best_metrics["epoch"]),
         "best_val_mAP": best_metrics.get("val_mAP"),
+        "val_mAP_start": history[0].get("val_mAP_start") if history else None,
         "val_mAP": [h.get("val_mAP") for h in history],
         "train_loss": [h.get("train_loss") for h in history],
         "history": history,
