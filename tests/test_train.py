@@ -107,6 +107,27 @@ def test_head_warmup_freezes_the_backbone_then_warms_it_up():
         TrainConfig(epochs=2, head_warmup_epochs=2).validate()
 
 
+def test_frozen_backbone_batchnorm_keeps_its_running_statistics():
+    import timm
+
+    from reid_ray.train.loop import set_backbone_mode
+
+    backbone = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    bn = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    conv = next(m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    before = [m.running_mean.clone() for m in bn]
+    set_backbone_mode(backbone, True, TrainConfig(freeze_backbone_bn=True))
+    assert conv.training and not any(m.training for m in bn)
+    backbone(torch.randn(4, 3, 32, 32) * 5 + 3)
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bn, strict=True))
+    set_backbone_mode(backbone, True, TrainConfig())  # the default: batch statistics
+    assert all(m.training for m in bn)
+    backbone(torch.randn(4, 3, 32, 32) * 5 + 3)
+    assert not torch.equal(before[0], bn[0].running_mean)
+    set_backbone_mode(backbone, False, TrainConfig())  # head warm-up: all frozen
+    assert not any(m.training for m in backbone.modules())
+
+
 def test_augment_normalises_and_keeps_flanks_by_default():
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     aug = TrainAugment(AugmentConfig(), (24, 24), mean, std)

@@ -114,6 +114,9 @@ class TrainConfig:
     # real data they wrecked pretrained features (dog faces: val mAP 0.758 -> 0.593 after
     # epoch 1). The backbone's own warmup and schedule start after them (LP-FT).
     head_warmup_epochs: float = 0.0
+    # keep the backbone's BatchNorm layers on their pretrained statistics (eval mode) all
+    # through training: small per-worker batches make noisy batch statistics
+    freeze_backbone_bn: bool = False
     min_lr_ratio: float = 0.02
     grad_clip: float = 5.0  # max gradient norm; 0 disables clipping
     amp: bool = True  # mixed precision on GPU (ignored on CPU)

@@ -101,6 +101,16 @@ def head_warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return int(round(cfg.head_warmup_epochs * steps_per_epoch))
 
 
+def set_backbone_mode(backbone: nn.Module, training: bool, cfg: TrainConfig) -> None:
+    """Train or eval mode for the backbone; with ``freeze_backbone_bn`` its BatchNorm
+    layers stay in eval mode (pretrained running statistics, not the batch's)."""
+    backbone.train(training)
+    if training and cfg.freeze_backbone_bn:
+        for m in backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 def build_net(net_cfg: NetConfig, state_dict: dict) -> ReidNet:
     """The network with the start weights the driver built through ``models.load``."""
     net = ReidNet(net_cfg)
@@ -239,7 +249,7 @@ def train_loop(loop_cfg: dict) -> None:
         loss_sum, n_images, n_steps = 0.0, 0, 0
         for batch in _epoch_batches(train_shard, cfg, epoch, rank, device):
             # frozen backbone: its BatchNorm statistics stay the pretrained ones too
-            core.net.backbone.train(scheduler.last_epoch >= frozen_steps)
+            set_backbone_mode(core.net.backbone, scheduler.last_epoch >= frozen_steps, cfg)
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
             x = augment(images)
