@@ -91,7 +91,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_head_warmup_freezes_the_backbone_then_warms_it_up():
-    from reid_ray.train.loop import lr_factors
+    from reid_ray.train.loop import head_warmup_steps, lr_factors
 
     cfg = TrainConfig(epochs=4, warmup_epochs=1.0, head_warmup_epochs=1.0, min_lr_ratio=0.1)
     f = [lr_factors(s, cfg=cfg, steps_per_epoch=4) for s in range(17)]
@@ -101,10 +101,14 @@ def test_head_warmup_freezes_the_backbone_then_warms_it_up():
     assert backbone[4:8] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # its own warmup after
     assert backbone[16] == pytest.approx(0.1) and neck[16] == pytest.approx(0.1)
     # without head warmup all groups share one schedule (the pre-LP-FT behaviour)
-    plain = TrainConfig(epochs=4, warmup_epochs=1.0, min_lr_ratio=0.1)
+    plain = TrainConfig(epochs=4, warmup_epochs=1.0, min_lr_ratio=0.1, head_warmup_epochs=0)
     assert all(len(set(lr_factors(s, cfg=plain, steps_per_epoch=4))) == 1 for s in range(17))
+    # at most half the run: one epoch of two, half of a one-epoch run
+    assert head_warmup_steps(TrainConfig(epochs=2), 10) == 10
+    assert head_warmup_steps(TrainConfig(epochs=1), 10) == 5
+    assert head_warmup_steps(TrainConfig(epochs=1, head_warmup_epochs=3), 10) == 5
     with pytest.raises(ConfigError, match="head_warmup_epochs"):
-        TrainConfig(epochs=2, head_warmup_epochs=2).validate()
+        TrainConfig(head_warmup_epochs=-1).validate()
 
 
 def test_frozen_backbone_batchnorm_keeps_its_running_statistics():

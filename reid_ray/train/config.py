@@ -110,10 +110,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     # epochs at the start that train only the neck and ArcFace head, the backbone frozen
-    # (weights and BatchNorm statistics): a new head's first gradients are noise, and on
-    # real data they wrecked pretrained features (dog faces: val mAP 0.758 -> 0.593 after
-    # epoch 1). The backbone's own warmup and schedule start after them (LP-FT).
-    head_warmup_epochs: float = 0.0
+    # (weights and BatchNorm statistics), at most half the run (the backbone always
+    # trains): a new head's first gradients are noise, and they wrecked pretrained features
+    # (dog faces: val mAP 0.753 at the start, 0.552 after epoch 1 without, 0.737 with it).
+    # The backbone's own warmup and schedule start after them (LP-FT). 0 turns it off.
+    head_warmup_epochs: float = 1.0
     # keep the backbone's BatchNorm layers on their pretrained statistics (eval mode) all
     # through training: small per-worker batches make noisy batch statistics
     freeze_backbone_bn: bool = False
@@ -181,9 +182,8 @@ class TrainConfig:
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         check(
-            0 <= self.head_warmup_epochs < self.epochs,
-            f"head_warmup_epochs must be in [0, epochs={self.epochs}), "
-            f"got {self.head_warmup_epochs}",
+            self.head_warmup_epochs >= 0,
+            f"head_warmup_epochs must be >= 0, got {self.head_warmup_epochs}",
         )
         check(
             0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"

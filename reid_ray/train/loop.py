@@ -97,8 +97,9 @@ def lr_factors(step: int, *, cfg: TrainConfig, steps_per_epoch: int) -> list[flo
 
 
 def head_warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """Optimiser steps during which the backbone is frozen (``head_warmup_epochs``)."""
-    return int(round(cfg.head_warmup_epochs * steps_per_epoch))
+    """Optimiser steps during which the backbone is frozen: ``head_warmup_epochs``, at
+    most half the run's steps."""
+    return int(round(min(cfg.head_warmup_epochs, cfg.epochs / 2) * steps_per_epoch))
 
 
 def set_backbone_mode(backbone: nn.Module, training: bool, cfg: TrainConfig) -> None:
