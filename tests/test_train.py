@@ -100,6 +100,12 @@ def test_head_warmup_freezes_the_backbone_then_warms_it_up():
     assert neck[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and head == neck
     assert backbone[4:8] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # its own warmup after
     assert backbone[16] == pytest.approx(0.1) and neck[16] == pytest.approx(0.1)
+    # a 2-epoch run: the backbone's warmup fits in a third of its epoch and the run ends
+    # at the low end of the cosine, not at the peak rate
+    short = TrainConfig(epochs=2, warmup_epochs=1.0, head_warmup_epochs=1.0, min_lr_ratio=0.1)
+    b = [lr_factors(s, cfg=short, steps_per_epoch=30)[0] for s in range(61)]
+    assert b[:30] == [0.0] * 30 and b[39] == pytest.approx(1.0)
+    assert b[-1] == pytest.approx(0.1) and max(b[45:]) < 1.0
     # without head warmup all groups share one schedule (the pre-LP-FT behaviour)
     plain = TrainConfig(epochs=4, warmup_epochs=1.0, min_lr_ratio=0.1, head_warmup_epochs=0)
     assert all(len(set(lr_factors(s, cfg=plain, steps_per_epoch=4))) == 1 for s in range(17))

@@ -78,7 +78,9 @@ def lr_factors(step: int, *, cfg: TrainConfig, steps_per_epoch: int) -> list[flo
     """LR multipliers of the backbone, neck and head groups (:func:`param_groups`) at ``step``.
 
     The neck and head follow :func:`warmup_cosine` over the whole run. The backbone stays at
-    0 for ``head_warmup_epochs``, then gets its own warmup and cosine over what is left.
+    0 for ``head_warmup_epochs``, then gets its own warmup, at most a third of what is left
+    (a whole-epoch warmup in a 2-epoch run would end the run at the peak rate), and a
+    cosine down to the same end as the others.
     """
     total = steps_per_epoch * cfg.epochs
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -87,10 +89,11 @@ def lr_factors(step: int, *, cfg: TrainConfig, steps_per_epoch: int) -> list[flo
     if step < frozen:
         backbone = 0.0
     else:
+        left = max(1, total - frozen)
         backbone = warmup_cosine(
             step - frozen,
-            warmup_steps=min(warmup, max(0, total - frozen)),
-            total_steps=max(1, total - frozen),
+            warmup_steps=min(warmup, left // 3),
+            total_steps=left,
             min_ratio=cfg.min_lr_ratio,
         )
     return [backbone, rest, rest]
