@@ -22,9 +22,11 @@ def run_active_cell(ds: PreparedDataset, method: MethodSpec, cfg: BenchmarkConfi
     """One USL (no annotations) or AL run; ``(results, training)`` keyed by species."""
     from reid_ray.active import load_al_config, run_al
 
-    budget = "0" if method.kind == "usl" else str(budget)
-    name = method.name if method.kind == "usl" else f"{method.name}@{budget}"
-    settings = {"evaluate_start": False, **method.al}
+    usl = method.kind == "usl"
+    budget = "0" if usl else str(budget)
+    name = method.name if usl else f"{method.name}@{budget}"
+    # a USL cell is recorded (and logged) as sampler "usl", whatever its al settings say
+    settings = {"evaluate_start": False, **method.al, **({"sampler": "usl"} if usl else {})}
     al_cfg = load_al_config(
         settings,
         {"manifest": ds.manifest, "split": ds.split, "model": method.model, "budget": budget,
