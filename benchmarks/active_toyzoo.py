@@ -19,10 +19,10 @@ import logging
 import os
 import shutil
 import statistics
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from result_record import REPO, result_record, write_result  # benchmarks/ is on sys.path
+
 SAMPLERS = ("usl", "random", "margin", "aas")
 KEYS = ("mAP", "top1", "auroc", "baks", "baus", "nmi", "ari", "pair_precision", "pair_recall")
 
@@ -133,21 +133,16 @@ def _write(args, runs) -> None:
             }
     starts = [r["start"] for r in runs if r["sampler"] == args.samplers[0] and r["start"]]
     summary["start"] = {k: _stats([s.get(k) for s in starts]) for k in ("mAP", "top1", "auroc")}
-    result = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": f"{os.cpu_count()} CPUs, shared with other jobs (load varied); no GPU",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-        "measure": "mAP/top1 on query vs gallery, auroc known (query) vs unknown "
-        "(query_unknown) by top-1 similarity, after the last round's fine-tune; nmi/ari/pair_* "
-        "of the refined pseudo-labels of the train rows against the hidden identities; "
-        "mean and population std over seeds; seconds per round by phase",
-        "summary": summary,
-        "runs": runs,
-    }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2, default=str)
+    result = result_record(
+        args,
+        "mAP/top1 on query vs gallery, auroc known (query) vs unknown (query_unknown) by "
+        "top-1 similarity, after the last round's fine-tune; nmi/ari/pair_* of the refined "
+        "pseudo-labels of the train rows against the hidden identities; mean and population "
+        "std over seeds; seconds per round by phase",
+        summary=summary,
+        runs=runs,
+    )
+    write_result(args.out, result)
     _plot(args, summary)
 
 

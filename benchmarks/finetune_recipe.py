@@ -15,13 +15,9 @@ validation mAP is leave-one-out over the ``val`` individuals (``reid_ray.train.v
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from result_record import result_record, write_result  # benchmarks/ is on sys.path
 
 #: variant -> (what it is, TrainConfig overrides)
 VARIANTS = {
@@ -72,18 +68,13 @@ def main() -> None:
             "mean_epoch_s": s["timings"]["mean_epoch_s"],
         }
         print(f"{name}: start {s.get('val_mAP_start')}, by epoch {s['val_mAP']}", flush=True)
-    result = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": f"{os.cpu_count()} CPUs ({platform.machine()}), no GPU",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
-        "measure": "validation mAP (leave-one-out over the val individuals) before training "
-        "(start) and after each epoch; same seed, same data order for every variant",
-        "runs": runs,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    result = result_record(
+        args,
+        "validation mAP (leave-one-out over the val individuals) before training (start) "
+        "and after each epoch; same seed, same data order for every variant",
+        runs=runs,
+    )
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
