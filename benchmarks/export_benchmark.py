@@ -14,10 +14,10 @@ import argparse
 import glob
 import json
 import os
-import platform
 import shutil
 
 import pandas as pd
+from result_record import machine  # benchmarks/ is on sys.path
 
 from reid_ray import io as rio
 
@@ -26,15 +26,6 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def _read(path: str) -> str:
     return rio.read_bytes(path).decode()
-
-
-def machine() -> dict:
-    return {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_at_export": list(os.getloadavg()),
-    }
 
 
 def benchmark_record(out: str) -> tuple[dict, str, str]:
