@@ -1,7 +1,8 @@
-"""Active learning on toy zoos: usl vs random vs margin vs aas at one equal budget,
+r"""Active learning on toy zoos: usl vs random vs margin vs aas at one equal budget,
 averaged over seeds (each seed a different zoo and sampler seed), with the spread.
 
-    python benchmarks/active_toyzoo.py --seeds 0 1 2 --budget 0.5% --rounds 1 --epochs 1
+    python benchmarks/active_toyzoo.py --seeds 0 1 2 3 4 --budget 0.5% --rounds 1 --epochs 4 \
+        --size 128 --individuals 60 --images-per 8
 
 Writes benchmarks/results/active_toyzoo.json (every run's metrics, the mean and standard
 deviation per sampler, wall time per phase, the command) and active_toyzoo.png. The
@@ -29,13 +30,13 @@ KEYS = ("mAP", "top1", "auroc", "baks", "baus", "nmi", "ari", "pair_precision", 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
     p.add_argument("--budget", default="0.5%")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--individuals", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--individuals", type=int, default=60)
     p.add_argument("--images-per", type=int, default=8)
     p.add_argument("--model", default="timm:efficientnet_lite0")
     p.add_argument("--work", default="/tmp/reid-ray-al-bench")
@@ -47,9 +48,11 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.merge:
-        runs = [r for path in args.merge for r in json.load(open(path))["runs"]]
+        parts = [json.load(open(path)) for path in args.merge]
+        runs = [r for part in parts for r in part["runs"]]
         args.seeds = sorted({r["seed"] for r in runs})
-        _write(args, runs)
+        made_by = [{k: part.get(k) for k in ("command", "created", "machine")} for part in parts]
+        _write(args, runs, merged_from=made_by)
         return
 
     from reid_ray.active.config import load_al_config
@@ -120,7 +123,7 @@ def _stats(values):
     return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
 
 
-def _write(args, runs) -> None:
+def _write(args, runs, **extra) -> None:
     summary = {}
     for sampler in args.samplers:
         mine = [r for r in runs if r["sampler"] == sampler]
@@ -139,6 +142,7 @@ def _write(args, runs) -> None:
         "top-1 similarity, after the last round's fine-tune; nmi/ari/pair_* of the refined "
         "pseudo-labels of the train rows against the hidden identities; mean and population "
         "std over seeds; seconds per round by phase",
+        **extra,
         summary=summary,
         runs=runs,
     )
