@@ -60,15 +60,20 @@ def n_clusters(labels: np.ndarray) -> int:
 
 def dbscan_jaccard(graph: KnnGraph, cfg: ClusterConfig) -> np.ndarray:
     """DBSCAN on the sparse Jaccard distance matrix; noise is -1."""
+    return dbscan_sparse(jaccard_distance(graph, cfg.k1, cfg.k2), cfg.eps, cfg.min_samples)
+
+
+def dbscan_sparse(dist: sparse.csr_matrix, eps: float, min_samples: int) -> np.ndarray:
+    """DBSCAN on a sparse distance matrix (left unchanged); only stored entries can be
+    neighbours. Noise is -1."""
     from sklearn.cluster import DBSCAN
 
-    dist = jaccard_distance(graph, cfg.k1, cfg.k2)
-    # only stored entries can be neighbours; entries at distance >= eps never are
-    dist.data[dist.data > cfg.eps] = 0.0
+    dist = dist.copy()
+    dist.data[dist.data > eps] = 0.0  # entries beyond eps are never neighbours
     dist.eliminate_zeros()
     dist = dist.tolil()
     dist.setdiag(1e-9)
-    model = DBSCAN(eps=cfg.eps, min_samples=cfg.min_samples, metric="precomputed")
+    model = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed")
     return relabel(model.fit_predict(dist.tocsr()))
 
 
@@ -198,6 +203,7 @@ __all__ = [
     "Clusterings",
     "cluster_all",
     "dbscan_jaccard",
+    "dbscan_sparse",
     "finch",
     "first_neighbour_partition",
     "kmeans",
