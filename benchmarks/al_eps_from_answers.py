@@ -5,9 +5,9 @@ satisfies. Here: on one embedding set of the training rows (an AL run's round-0
 ``embed`` folder), DBSCAN over a grid of eps, each sampler's pairs answered from the hidden
 identities, eps chosen by balanced constraint accuracy (mean of must-links kept together
 and cannot-links kept apart), then the usual refinement; pseudo-label ARI against the
-identities, next to the refinement at the default eps. Also measured: the refinement with
-must-links merging only the must-linked items (``item_merge``), not the whole clusters
-they touch (the shipped refinement's merge), a candidate for the next refinement.
+identities, next to the refinement at the default eps. Also measured: the refinement's
+merge policies at the default eps (``ari_refined_items`` / ``_clusters`` / ``_mutual``:
+what one must-link across two clusters moves; ``mutual`` is the shipped default).
 
     python benchmarks/al_eps_from_answers.py \\
         --embed OUT/work/dogfacenet/active/usl/rounds/r0/embed \\
@@ -32,26 +32,6 @@ def constraint_accuracy(labels, must, cannot) -> float:
     return float(np.mean(parts)) if parts else float("nan")
 
 
-def item_merge(labels: np.ndarray, must) -> np.ndarray:
-    """Each must-link group moves, alone, into the largest cluster among its members'
-    (noise items count as singletons and go back to noise when they stay alone)."""
-    from reid_ray.active.constraints import UnionFind
-
-    base = labels.copy()
-    noise = base < 0
-    base[noise] = base.max(initial=-1) + 1 + np.arange(int(noise.sum()))
-    uf = UnionFind(len(base))
-    for a, b in must:
-        uf.union(a, b)
-    roots = uf.roots()
-    sizes = np.bincount(base)
-    for root in np.unique(roots[[a for a, _ in must]]) if must else []:
-        members = np.flatnonzero(roots == root)
-        base[members] = base[members[np.argmax(sizes[base[members]])]]
-    sizes = np.bincount(base)
-    return np.where(noise & (sizes[base] == 1), -1, base)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--embed", required=True, help="an embeddings folder of the train rows")
@@ -62,7 +42,7 @@ def main() -> None:
     args = p.parse_args()
 
     from reid_ray.active.clustering import ClusterConfig, cluster_all, dbscan_sparse
-    from reid_ray.active.constraints import refine
+    from reid_ray.active.constraints import MERGE_POLICIES, refine
     from reid_ray.active.graph import jaccard_distance
     from reid_ray.active.samplers import Known, budget_pairs, sample_pairs
     from reid_ray.data import read_manifest
@@ -101,8 +81,9 @@ def main() -> None:
                     "same": len(must), "chosen_eps": best,
                     "ari_refined_default_eps": ari(refine(labels[cfg.eps], must, cannot, x).labels),
                     "ari_refined_chosen_eps": ari(refine(labels[best], must, cannot, x).labels),
-                    "ari_refined_item_merge": ari(
-                        refine(item_merge(labels[cfg.eps], must), must, cannot, x).labels),
+                    **{f"ari_refined_{policy}": ari(refine(labels[cfg.eps], must, cannot, x,
+                                                          merge=policy).labels)
+                       for policy in MERGE_POLICIES},
                 })  # fmt: skip
                 print(runs[-1], flush=True)
     write_result(
@@ -112,7 +93,7 @@ def main() -> None:
             "pseudo-label ARI of the train rows against their hidden identities: DBSCAN "
             "(k-reciprocal Jaccard) per eps without answers, and after refinement with each "
             "sampler's answered pairs at the default eps vs at the eps the answers choose; "
-            "item_merge: the refinement when a must-link moves only its items",
+            "ari_refined_<policy>: the refinement's merge policies at the default eps",
             private=("out",),
             default_eps=cfg.eps,
             by_eps=by_eps,

@@ -17,7 +17,7 @@ from reid_ray.active.clustering import (
     relabel,
     usl_pseudo_labels,
 )
-from reid_ray.active.constraints import UnionFind, find_contradictions, refine
+from reid_ray.active.constraints import MERGE_POLICIES, UnionFind, find_contradictions, refine
 from reid_ray.active.graph import jaccard_distance, knn_graph
 from reid_ray.active.samplers import (
     Known,
@@ -192,12 +192,37 @@ def test_union_find_transitive_closure():
     assert uf.find(0) == uf.find(2) != uf.find(3)
 
 
-def test_must_links_merge_clusters_transitively_including_noise():
+def test_whole_cluster_merge_closes_must_links_transitively_including_noise():
     labels = np.array([0, 0, 1, 1, 2, 2, -1, -1])
-    r = refine(labels, must=[(1, 2), (3, 4), (6, 0)], cannot=[])
+    r = refine(labels, must=[(1, 2), (3, 4), (6, 0)], cannot=[], merge="clusters")
     assert len(set(r.labels[:7].tolist())) == 1  # 0=1=2=3=4=5 by closure, noise 6 joins
     assert r.labels[7] == NOISE
     assert r.must_satisfied == 3 and r.n_merges == 3 and not r.contradictions
+
+
+def test_item_merge_moves_only_the_answered_items_into_the_larger_cluster():
+    labels = np.array([0, 0, 0, 1, 1, -1, -1])
+    r = refine(labels, must=[(1, 3), (3, 5)], cannot=[], merge="items")
+    # the group {1, 3, 5} gathers in cluster 0 (the largest it touches); 4 stays in its own
+    assert r.labels[1] == r.labels[3] == r.labels[5] == r.labels[0] == r.labels[2]
+    assert r.labels[4] != r.labels[0] and r.labels[4] != NOISE
+    assert r.labels[6] == NOISE and r.n_moved == 2 and r.n_merges == 0
+
+
+def test_mutual_merge_joins_whole_clusters_only_when_each_is_the_others_nearest():
+    # clusters 0 and 1 face each other; cluster 2 is far, and its nearest is cluster 1,
+    # but cluster 1's nearest is 0: a must-link 1~2 moves items, a must-link 0~1 merges whole
+    feats = np.array(
+        [[1, 0, 0], [1, 0.1, 0], [0.8, 0.6, 0], [0.8, 0.7, 0], [0, 0.3, 1], [0, 0.35, 1]],
+        np.float32,
+    )
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    r = refine(labels, must=[(0, 2), (3, 4)], cannot=[], features=feats, merge="mutual")
+    assert r.labels[0] == r.labels[1] == r.labels[2] == r.labels[3] == r.labels[4]
+    assert r.labels[5] != r.labels[0]  # the rest of the far cluster stayed
+    assert r.n_merges == 1 and r.n_moved == 1
+    with pytest.raises(ReidRayError, match="merge policy"):
+        refine(labels, must=[], cannot=[], merge="everything")
 
 
 def test_cannot_links_split_a_cluster_and_place_the_rest_by_embedding():
@@ -243,10 +268,11 @@ def test_refinement_holds_every_constraint_on_random_cases():
         must = [p for p in pairs if truth[p[0]] == truth[p[1]]]
         cannot = [p for p in pairs if truth[p[0]] != truth[p[1]]]
         feats = rng.normal(size=(n, 4)).astype(np.float32)
-        r = refine(labels, must, cannot, feats)  # consistent answers: no contradictions
-        assert not r.contradictions, trial
-        assert all(r.labels[a] == r.labels[b] != NOISE for a, b in must)
-        assert all(r.labels[a] != r.labels[b] or r.labels[a] == NOISE for a, b in cannot)
+        for policy in MERGE_POLICIES:  # consistent answers: no contradictions
+            r = refine(labels, must, cannot, feats, merge=policy)
+            assert not r.contradictions, (trial, policy)
+            assert all(r.labels[a] == r.labels[b] != NOISE for a, b in must), policy
+            assert all(r.labels[a] != r.labels[b] or r.labels[a] == NOISE for a, b in cannot)
 
 
 def test_refine_refuses_out_of_range_items():

@@ -224,7 +224,7 @@ def run_round(
     t = time.perf_counter()
     must += [[a, b] for a, b, ans in new if ans == "same"]
     cannot += [[a, b] for a, b, ans in new if ans == "different"]
-    refined = refine(clusterings.dbscan, to_rows(must), to_rows(cannot), x)
+    refined = refine(clusterings.dbscan, to_rows(must), to_rows(cannot), x, merge=cfg.merge)
     for c in refined.contradictions:
         logger.warning("round %d: contradiction %s (not enforced)", k, c)
     seconds["refine"] = time.perf_counter() - t
