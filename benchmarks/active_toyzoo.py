@@ -25,13 +25,16 @@ import time
 from result_record import REPO, result_record, write_result  # benchmarks/ is on sys.path
 
 SAMPLERS = ("usl", "random", "margin", "aas")
+CEILING = "labels"  # the same fine-tune on the true identities of every train row
 KEYS = ("mAP", "top1", "auroc", "baks", "baus", "nmi", "ari", "pair_precision", "pair_recall")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
+    p.add_argument("--samplers", nargs="+", default=[*SAMPLERS, CEILING],
+                   help=f"AL samplers, and {CEILING!r}: the fine-tune on all true labels "
+                   "(what the best pseudo-labels could give)")  # fmt: skip
     p.add_argument("--budget", default="0.5%")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--epochs", type=int, default=4)
@@ -55,7 +58,6 @@ def main() -> None:
         _write(args, runs, merged_from=made_by)
         return
 
-    from reid_ray.active.config import load_al_config
     from reid_ray.active.runner import run_al
     from reid_ray.runtime import init_ray
     from reid_ray.synth import generate_zoo
@@ -81,14 +83,11 @@ def main() -> None:
         first = None
         for sampler in args.samplers:
             out = os.path.join(args.work, f"seed{seed}-{sampler}")
-            cfg = load_al_config({
-                "manifest": os.path.join(zoo, "metadata.csv"),
-                "split": os.path.join(zoo, "split.csv"),
-                "out": out, "model": args.model, "sampler": sampler, "budget": args.budget,
-                "rounds": args.rounds, "seed": seed, "image_size": args.size,
-                "train": {"epochs": args.epochs, "workers": 1, "cpus_per_worker": 1.0,
-                          "batch_size": 16, "sampler": "pk", "pk_k": 4},
-            })  # fmt: skip
+            if sampler == CEILING:
+                runs.append(_ceiling(args, zoo, seed, out))
+                _write(args, runs)
+                continue
+            cfg = _al_config(args, zoo, seed, sampler, out)
             if first is not None and not os.path.exists(os.path.join(out, "start")):
                 shutil.copytree(os.path.join(first, "start"), os.path.join(out, "start"))
                 shutil.copytree(os.path.join(first, "rounds", "r0", "embed"),
@@ -116,6 +115,43 @@ def main() -> None:
             _write(args, runs)
 
 
+def _al_config(args, zoo: str, seed: int, sampler: str, out: str):
+    from reid_ray.active.config import load_al_config
+
+    return load_al_config({
+        "manifest": os.path.join(zoo, "metadata.csv"), "split": os.path.join(zoo, "split.csv"),
+        "out": out, "model": args.model, "sampler": sampler, "budget": args.budget,
+        "rounds": args.rounds, "seed": seed, "image_size": args.size,
+        "train": {"epochs": args.epochs, "workers": 1, "cpus_per_worker": 1.0,
+                  "batch_size": 16, "sampler": "pk", "pk_k": 4},
+    })  # fmt: skip
+
+
+def _ceiling(args, zoo: str, seed: int, out: str) -> dict:
+    """The AL fine-tune's settings trained on the true identities of all train rows: the
+    most any pseudo-labels could give (the same epochs, no validation rows)."""
+    from reid_ray.data import read_manifest
+    from reid_ray.evaluation import evaluate
+    from reid_ray.train import train
+
+    cfg = _al_config(args, zoo, seed, "usl", out)
+    t = time.perf_counter()
+    table = read_manifest(cfg.manifest, cfg.split).table.to_pandas()
+    rows = table[table["split"] == "train"][["image_id", "path", "identity"]]
+    manifest = os.path.join(out, "labels.csv")
+    os.makedirs(out, exist_ok=True)
+    rows.to_csv(manifest + ".tmp", index=False)
+    os.replace(manifest + ".tmp", manifest)
+    summary = train(manifest, os.path.join(out, "train"), config=cfg.train_config(cfg.model),
+                    resume=True)  # fmt: skip
+    m = evaluate(cfg.manifest, cfg.split, summary["checkpoint"], os.path.join(out, "eval"),
+                 command="al")  # fmt: skip
+    print(f"seed {seed} {CEILING}: mAP {m['mAP']:.3f} top1 {m['top1']:.3f}", flush=True)
+    return {"seed": seed, "sampler": CEILING, "wall_s": round(time.perf_counter() - t, 1),
+            "start": None, "pairs": None, "train_images": len(rows),
+            **{k: m.get(k) for k in KEYS if k in m}}  # fmt: skip
+
+
 def _stats(values):
     vals = [v for v in values if v is not None]
     if not vals:
@@ -128,20 +164,24 @@ def _write(args, runs, **extra) -> None:
     for sampler in args.samplers:
         mine = [r for r in runs if r["sampler"] == sampler]
         if mine:
-            summary[sampler] = {k: _stats([r[k] for r in mine]) for k in KEYS}
+            summary[sampler] = {k: _stats([r.get(k) for r in mine]) for k in KEYS}
             summary[sampler]["pairs"] = _stats([r["pairs"] for r in mine])
+            if sampler == CEILING:
+                summary[sampler]["wall_s"] = _stats([r["wall_s"] for r in mine])
+                continue
             phases = mine[0]["rounds"][0]["seconds"]
             summary[sampler]["seconds_per_round"] = {
                 ph: _stats([r2["seconds"][ph] for r in mine for r2 in r["rounds"]]) for ph in phases
             }
-    starts = [r["start"] for r in runs if r["sampler"] == args.samplers[0] and r["start"]]
+    starts = [r["start"] for r in runs if r["sampler"] == args.samplers[0] and r.get("start")]
     summary["start"] = {k: _stats([s.get(k) for s in starts]) for k in ("mAP", "top1", "auroc")}
     result = result_record(
         args,
         "mAP/top1 on query vs gallery, auroc known (query) vs unknown (query_unknown) by "
         "top-1 similarity, after the last round's fine-tune; nmi/ari/pair_* of the refined "
         "pseudo-labels of the train rows against the hidden identities; mean and population "
-        "std over seeds; seconds per round by phase",
+        f"std over seeds; seconds per round by phase; {CEILING!r}: the same fine-tune on the "
+        "true identities of every train row (the ceiling of any pseudo-labels)",
         **extra,
         summary=summary,
         runs=runs,
