@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--budget", default="0.5%")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--head-warmup-epochs", type=float, default=1.0,
+                   help="epochs training only the neck and head first (TrainConfig)")  # fmt: skip
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--individuals", type=int, default=60)
     p.add_argument("--images-per", type=int, default=8)
@@ -123,7 +125,8 @@ def _al_config(args, zoo: str, seed: int, sampler: str, out: str):
         "out": out, "model": args.model, "sampler": sampler, "budget": args.budget,
         "rounds": args.rounds, "seed": seed, "image_size": args.size,
         "train": {"epochs": args.epochs, "workers": 1, "cpus_per_worker": 1.0,
-                  "batch_size": 16, "sampler": "pk", "pk_k": 4},
+                  "batch_size": 16, "sampler": "pk", "pk_k": 4,
+                  "head_warmup_epochs": args.head_warmup_epochs},
     })  # fmt: skip
 
 
