@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reid_ray.active.clustering import NOISE, relabel
-from reid_ray.active.graph import knn_graph, l2_normalise
+from reid_ray.active.graph import l2_normalise
 from reid_ray.errors import ReidRayError
 
 
@@ -169,27 +169,31 @@ def _merge(
         return base.copy(), 0, 0
     n_base = int(base.max()) + 1
     sizes = np.bincount(base, minlength=n_base)
-    roots = np.unique(group[must[:, 0]])
-    wanted = []  # (group root, target cluster, other clusters)
-    for root in roots.tolist():
-        members = np.flatnonzero(group == root)
+    items = np.unique(must.ravel())  # only must-linked items have groups of two or more
+    order = np.argsort(group[items], kind="stable")
+    _, starts = np.unique(group[items][order], return_index=True)
+    wanted = []  # (members, target cluster, other clusters touched)
+    for members in np.split(items[order], starts[1:]):
         touched = np.unique(base[members])
         if len(touched) > 1:
             target = int(touched[np.argmax(sizes[touched])])
-            wanted.append((root, members, target, [int(c) for c in touched if c != target]))
+            wanted.append((members, target, [int(c) for c in touched if c != target]))
     whole = UnionFind(n_base)
     n_merges = 0
     if policy != "items":
-        nearest = _nearest_cluster(base, x, n_base) if policy == "mutual" else None
-        for _, _, target, others in wanted:
+        touched_all = sorted({c for _, t, others in wanted for c in [t, *others]})
+        nearest = _nearest_cluster(base, x, n_base, touched_all) if policy == "mutual" else None
+        for _, target, others in wanted:
             for c in others:
-                mutual = nearest is not None and nearest[c] == target and nearest[target] == c
+                mutual = (
+                    nearest is not None and nearest.get(c) == target and nearest.get(target) == c
+                )
                 if (policy == "clusters" or mutual) and whole.find(c) != whole.find(target):
                     whole.union(c, target)
                     n_merges += 1
     merged = np.array([whole.find(int(c)) for c in range(n_base)], dtype=np.int64)[base]
     n_moved = 0
-    for _, members, target, _ in wanted:
+    for members, target, _ in wanted:
         goal = whole.find(target)
         move = members[merged[members] != goal]
         n_moved += len(move)
@@ -197,14 +201,22 @@ def _merge(
     return merged, n_merges, n_moved
 
 
-def _nearest_cluster(base: np.ndarray, x: np.ndarray | None, n_base: int) -> np.ndarray | None:
-    """Each cluster's nearest other cluster by centroid cosine, from the FAISS k-NN graph of
-    the centroids (None without features or with a single cluster)."""
+def _nearest_cluster(
+    base: np.ndarray, x: np.ndarray | None, n_base: int, clusters: list[int]
+) -> dict[int, int] | None:
+    """The nearest other cluster (centroid cosine) of each of ``clusters``, searched in a
+    FAISS index of all centroids (None without features or with a single cluster)."""
+    from reid_ray.index import build_index, search
+
     if x is None or n_base < 2:
         return None
     centroids = np.zeros((n_base, x.shape[1]), dtype=np.float32)
     np.add.at(centroids, base, x)
-    return knn_graph(centroids, 1).idx[:, 0]
+    centroids = l2_normalise(centroids)
+    ids = np.arange(n_base).astype(str)
+    index = build_index(centroids, ids, use_gpu="auto")
+    _, found = search(index, centroids[clusters], 1, query_ids=ids[clusters], exclude_self=True)
+    return {c: int(row[0]) for c, row in zip(clusters, found, strict=True) if row[0] is not None}
 
 
 def refine(
