@@ -225,8 +225,9 @@ def refine(
     """Apply must-link / cannot-link constraints to ``labels`` (-1 = noise).
 
     ``features`` [N, D] place unconstrained members of a split cluster (nearest group
-    mean); without them they stay with the largest part. ``merge`` says what a must-link
-    across two clusters moves (see :data:`MERGE_POLICIES`).
+    mean); without them they stay with the largest part, and ``mutual`` (which needs the
+    centroids) moves items only. ``merge`` says what a must-link across two clusters moves
+    (see :data:`MERGE_POLICIES`).
     """
     if merge not in MERGE_POLICIES:
         raise ReidRayError(f"unknown merge policy {merge!r}; choose one of {list(MERGE_POLICIES)}")
