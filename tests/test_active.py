@@ -17,6 +17,7 @@ from reid_ray.active.clustering import (
     relabel,
     usl_pseudo_labels,
 )
+from reid_ray.active.config import load_al_config
 from reid_ray.active.constraints import MERGE_POLICIES, UnionFind, find_contradictions, refine
 from reid_ray.active.graph import jaccard_distance, knn_graph
 from reid_ray.active.samplers import (
@@ -223,6 +224,8 @@ def test_mutual_merge_joins_whole_clusters_only_when_each_is_the_others_nearest(
     assert r.n_merges == 1 and r.n_moved == 1
     with pytest.raises(ReidRayError, match="merge policy"):
         refine(labels, must=[], cannot=[], merge="everything")
+    with pytest.raises(ConfigError, match="merge"):  # an AL config fails at load time
+        load_al_config({"manifest": "m.csv", "out": "o", "merge": "everything"})
 
 
 def test_cannot_links_split_a_cluster_and_place_the_rest_by_embedding():
