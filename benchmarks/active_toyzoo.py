@@ -133,6 +133,7 @@ def _al_config(args, zoo: str, seed: int, sampler: str, out: str):
 def _ceiling(args, zoo: str, seed: int, out: str) -> dict:
     """The AL fine-tune's settings trained on the true identities of all train rows: the
     most any pseudo-labels could give (the same epochs, no validation rows)."""
+    from reid_ray import io as rio
     from reid_ray.data import read_manifest
     from reid_ray.evaluation import evaluate
     from reid_ray.train import train
@@ -142,9 +143,7 @@ def _ceiling(args, zoo: str, seed: int, out: str) -> dict:
     table = read_manifest(cfg.manifest, cfg.split).table.to_pandas()
     rows = table[table["split"] == "train"][["image_id", "path", "identity"]]
     manifest = os.path.join(out, "labels.csv")
-    os.makedirs(out, exist_ok=True)
-    rows.to_csv(manifest + ".tmp", index=False)
-    os.replace(manifest + ".tmp", manifest)
+    rio.write_bytes_atomic(manifest, rows.to_csv(index=False).encode())
     summary = train(manifest, os.path.join(out, "train"), config=cfg.train_config(cfg.model),
                     resume=True)  # fmt: skip
     m = evaluate(cfg.manifest, cfg.split, summary["checkpoint"], os.path.join(out, "eval"),

@@ -30,10 +30,10 @@ def pair_auroc(ids: np.ndarray, x: np.ndarray, same, different) -> float | None:
         return None
     row = {i: n for n, i in enumerate(ids.tolist())}
     x = l2_normalise(x)
-    pairs = [(a, b) for a, b in [*same, *different] if a in row and b in row]
-    y = [1] * len(same) + [0] * len(different)
-    sims = [float(x[row[a]] @ x[row[b]]) for a, b in pairs]
-    return float(roc_auc_score(y[: len(sims)], sims))
+    labelled = [(a, b, 1) for a, b in same] + [(a, b, 0) for a, b in different]
+    kept = [(a, b, y) for a, b, y in labelled if a in row and b in row]
+    sims = [float(x[row[a]] @ x[row[b]]) for a, b, _ in kept]
+    return float(roc_auc_score([y for _, _, y in kept], sims))
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reid_ray.active.clustering import ClusterConfig
-from reid_ray.active.constraints import MERGE_POLICIES
+from reid_ray.active.constraints import DEFAULT_MERGE, MERGE_POLICIES
 from reid_ray.active.samplers import DEFAULT_BUDGET, SAMPLERS, parse_budget
 from reid_ray.config import check, check_choice, load_config
 
@@ -42,7 +42,7 @@ class ALConfig:
     seed: int = 0
     image_size: int | None = None
     min_cluster_size: int = 2  # smaller pseudo-identities are left out of training
-    merge: str = "mutual"  # what a must-link across two clusters moves (MERGE_POLICIES)
+    merge: str = DEFAULT_MERGE  # what a must-link across two clusters moves (MERGE_POLICIES)
     evaluate_start: bool = True  # also evaluate the starting model (the "pretrained" row)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: dict[str, Any] = field(default_factory=_small_train)

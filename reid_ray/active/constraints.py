@@ -153,6 +153,7 @@ MERGE_POLICIES = {
     "mutual": "whole clusters merge when each one's centroid is the other's nearest; "
     "otherwise only the items move",
 }
+DEFAULT_MERGE = "mutual"
 
 
 def _merge(
@@ -191,7 +192,7 @@ def _merge(
                 if (policy == "clusters" or mutual) and whole.find(c) != whole.find(target):
                     whole.union(c, target)
                     n_merges += 1
-    merged = np.array([whole.find(int(c)) for c in range(n_base)], dtype=np.int64)[base]
+    merged = whole.roots()[base]
     n_moved = 0
     for members, target, _ in wanted:
         goal = whole.find(target)
@@ -220,7 +221,7 @@ def _nearest_cluster(
 
 
 def refine(
-    labels, must, cannot, features: np.ndarray | None = None, merge: str = "mutual"
+    labels, must, cannot, features: np.ndarray | None = None, merge: str = DEFAULT_MERGE
 ) -> RefineResult:
     """Apply must-link / cannot-link constraints to ``labels`` (-1 = noise).
 
@@ -308,4 +309,12 @@ def refine(
     return result
 
 
-__all__ = ["RefineResult", "UnionFind", "find_contradictions", "must_link_path", "refine"]
+__all__ = [
+    "DEFAULT_MERGE",
+    "MERGE_POLICIES",
+    "RefineResult",
+    "UnionFind",
+    "find_contradictions",
+    "must_link_path",
+    "refine",
+]
