@@ -40,7 +40,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--head-warmup-epochs", type=float, default=1.0,
                    help="epochs training only the neck and head first (TrainConfig)")  # fmt: skip
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--train-sampler", choices=("pk", "random"), default="pk",
+                   help="batches of P identities x 4 images, or shuffled rows (TrainConfig)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=16, help="images per worker and step")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per fine-tune")
+    p.add_argument("--size", type=int, default=128, help="input side of the models (px)")
+    p.add_argument("--zoo-size", type=int, help="side of the generated images (default: --size)")
     p.add_argument("--individuals", type=int, default=60)
     p.add_argument("--images-per", type=int, default=8)
     p.add_argument("--model", default="timm:efficientnet_lite0")
@@ -81,7 +86,7 @@ def main() -> None:
         zoo = os.path.join(args.work, f"zoo{seed}")
         if not os.path.exists(os.path.join(zoo, "split.csv")):
             generate_zoo(zoo, individuals=args.individuals, images_per=args.images_per,
-                         size=args.size, seed=seed, split_kind="disjoint")  # fmt: skip
+                         size=args.zoo_size or args.size, seed=seed, split_kind="disjoint")  # fmt: skip
         first = None
         for sampler in args.samplers:
             out = os.path.join(args.work, f"seed{seed}-{sampler}")
@@ -124,8 +129,9 @@ def _al_config(args, zoo: str, seed: int, sampler: str, out: str):
         "manifest": os.path.join(zoo, "metadata.csv"), "split": os.path.join(zoo, "split.csv"),
         "out": out, "model": args.model, "sampler": sampler, "budget": args.budget,
         "rounds": args.rounds, "seed": seed, "image_size": args.size,
-        "train": {"epochs": args.epochs, "workers": 1, "cpus_per_worker": 1.0,
-                  "batch_size": 16, "sampler": "pk", "pk_k": 4,
+        "train": {"epochs": args.epochs, "workers": args.workers,
+                  "cpus_per_worker": 1.0 if args.workers == 1 else None,
+                  "batch_size": args.batch_size, "sampler": args.train_sampler, "pk_k": 4,
                   "head_warmup_epochs": args.head_warmup_epochs},
     })  # fmt: skip
 
@@ -141,7 +147,9 @@ def _ceiling(args, zoo: str, seed: int, out: str) -> dict:
     cfg = _al_config(args, zoo, seed, "usl", out)
     t = time.perf_counter()
     table = read_manifest(cfg.manifest, cfg.split).table.to_pandas()
-    rows = table[table["split"] == "train"][["image_id", "path", "identity"]]
+    rows = table[table["split"] == "train"][["image_id", "path", "identity", "bbox"]].copy()
+    # the boxes too: training on whole images and testing on the boxes is another task
+    rows["bbox"] = [",".join(f"{v:g}" for v in b) if b is not None else "" for b in rows["bbox"]]
     manifest = os.path.join(out, "labels.csv")
     rio.write_bytes_atomic(manifest, rows.to_csv(index=False).encode())
     summary = train(manifest, os.path.join(out, "train"), config=cfg.train_config(cfg.model),
