@@ -49,6 +49,11 @@ def main() -> None:
     p.add_argument("--individuals", type=int, default=60)
     p.add_argument("--images-per", type=int, default=8)
     p.add_argument("--model", default="timm:efficientnet_lite0")
+    p.add_argument("--start-zoo", type=int, metavar="SEED",
+                   help="start every run from --model trained on the true identities of "
+                   "another zoo of the same species (this seed; its own individuals): last "
+                   "season's model meeting this season's animals")  # fmt: skip
+    p.add_argument("--start-epochs", type=int, default=12, help="epochs of that training")
     p.add_argument("--work", default="/tmp/reid-ray-al-bench")
     p.add_argument(
         "--out", default=os.path.join(REPO, "benchmarks", "results", "active_toyzoo.json")
@@ -81,6 +86,8 @@ def main() -> None:
 
             ray.shutdown()
             time.sleep(20)
+    if args.start_zoo is not None:
+        args.model = _pretrain(args, generate_zoo)
     runs = []
     for seed in args.seeds:
         zoo = os.path.join(args.work, f"zoo{seed}")
@@ -134,6 +141,26 @@ def _al_config(args, zoo: str, seed: int, sampler: str, out: str):
                   "batch_size": args.batch_size, "sampler": args.train_sampler, "pk_k": 4,
                   "head_warmup_epochs": args.head_warmup_epochs},
     })  # fmt: skip
+
+
+def _pretrain(args, generate_zoo) -> str:
+    """The starting checkpoint of ``--start-zoo``: trained on that zoo's train rows with its
+    val rows choosing the epoch (resumes; the same for every seed and sampler)."""
+    from reid_ray.train import TrainConfig, train
+
+    zoo = os.path.join(args.work, f"start-zoo{args.start_zoo}")
+    if not os.path.exists(os.path.join(zoo, "split.csv")):
+        generate_zoo(zoo, individuals=args.individuals, images_per=args.images_per,
+                     size=args.zoo_size or args.size, seed=args.start_zoo, split_kind="disjoint")  # fmt: skip
+    cfg = TrainConfig(model=args.model, image_size=args.size, epochs=args.start_epochs,
+                      workers=args.workers, cpus_per_worker=1.0 if args.workers == 1 else None,
+                      batch_size=args.batch_size, sampler=args.train_sampler,
+                      seed=args.start_zoo)  # fmt: skip
+    summary = train(os.path.join(zoo, "metadata.csv"), os.path.join(zoo, "train"),
+                    split_path=os.path.join(zoo, "split.csv"), config=cfg, resume=True)  # fmt: skip
+    print(f"start model: {summary['checkpoint']} (zoo seed {args.start_zoo}, best epoch "
+          f"{summary.get('best_epoch')})", flush=True)  # fmt: skip
+    return summary["checkpoint"]
 
 
 def _ceiling(args, zoo: str, seed: int, out: str) -> dict:
