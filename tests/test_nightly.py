@@ -12,6 +12,7 @@ import os
 import shutil
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from reid_ray.errors import ConfigError, OutputError
@@ -244,3 +245,48 @@ def test_identify_refuses_another_model_and_skips_gallery_images(world, tmp_path
     report = identify(world["gallery"], str(world["root"] / "gallery.csv"),
                       str(tmp_path / "same"), _cfg())  # fmt: skip
     assert report["counts"]["already_in_gallery"] == 18 and report["counts"]["identified"] == 0
+
+
+def test_boxes_are_kept_from_build_through_identify_and_merge(world, tmp_path):
+    """Re-ranking crops every image to its box as the embedding did: the gallery and the
+    results must keep the boxes, or gallery images are matched whole against cropped
+    queries. An older gallery's parts (no box column) read as whole images."""
+    from reid_ray.gallery import build_gallery, identify, merge_results, open_version, read_table
+    from reid_ray.gallery.reranking import _manifest
+
+    meta = pd.read_csv(world["zoo"] / "metadata.csv")
+    meta["path"] = [str(world["zoo"] / p) for p in meta["path"]]
+    meta["j"] = meta.groupby("identity").cumcount()
+    known = sorted(meta["identity"].unique())[:4]
+    cols = ["image_id", "path", "identity", "bbox"]
+    meta[meta.identity.isin(known) & (meta.j < 3)][cols].to_csv(tmp_path / "g.csv", index=False)
+    night = meta[meta.identity.isin(known) & (meta.j == 3)][cols].copy()
+    night.loc[night.index[0], "bbox"] = None  # one whole image among boxed ones
+    night.to_csv(tmp_path / "night.csv", index=False)
+    box = {r.image_id: [float(v) for v in r.bbox.split(",")] if isinstance(r.bbox, str) else None
+           for r in meta.itertuples()}  # fmt: skip
+    box[night.image_id.iloc[0]] = None
+
+    g = str(tmp_path / "G")
+    build_gallery(str(tmp_path / "g.csv"), MODEL, g, _cfg())
+    stored = read_table(open_version(g), ["image_id", "bbox"]).to_pylist()
+    assert len(stored) == 12 and all(r["bbox"] == box[r["image_id"]] for r in stored)
+
+    out = str(tmp_path / "n")
+    identify(g, str(tmp_path / "night.csv"), out, _cfg())
+    res = _results(out)
+    assert {r.image_id: None if r.bbox is None else list(r.bbox) for r in res.itertuples()} == {
+        i: box[i] for i in night.image_id
+    }
+    merge_results(g, out, _cfg())
+    stored = read_table(open_version(g), ["image_id", "bbox"]).to_pylist()
+    assert len(stored) == 16 and all(r["bbox"] == box[r["image_id"]] for r in stored)
+
+    # what re-ranking reads for the gallery's images: their boxes
+    ids = {r["image_id"] for r in stored}
+    rows = _manifest(pa.table({"image_id": [], "path": []}, pa.schema([("image_id", pa.string()),
+                     ("path", pa.string())])), open_version(g), ids).table.to_pylist()  # fmt: skip
+    assert {r["image_id"]: r["bbox"] for r in rows} == {i: box[i] for i in ids}
+    # the world's gallery was built from rows without boxes: whole images, no error
+    old = read_table(open_version(world["gallery"]), ["bbox"]).column("bbox").to_pylist()
+    assert old and all(b is None for b in old)

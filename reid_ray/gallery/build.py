@@ -20,7 +20,13 @@ from reid_ray import io as rio
 from reid_ray import parts as rparts
 from reid_ray.errors import OutputError
 from reid_ray.gallery.config import NightlyConfig
-from reid_ray.gallery.store import gallery_table, is_gallery, open_version, write_version
+from reid_ray.gallery.store import (
+    by_image_id,
+    gallery_table,
+    is_gallery,
+    open_version,
+    write_version,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +102,12 @@ def build_gallery(
         zip(labelled["image_id"].to_pylist(), labelled["identity"].to_pylist(), strict=True)
     )
     paths = dict(zip(labelled["image_id"].to_pylist(), labelled["path"].to_pylist(), strict=True))
+    boxes = by_image_id(labelled, "bbox")
     ids = emb.ids.tolist()
     rows = gallery_table(
-        ids, [identity[i] for i in ids], emb.matrix, emb.key, [paths[i] for i in ids], "", "build"
-    )
+        ids, [identity[i] for i in ids], emb.matrix, emb.key, [paths[i] for i in ids], "", "build",
+        bboxes=[boxes.get(i) for i in ids],
+    )  # fmt: skip
     model = {
         "ref": model_ref,
         "key": summary.key,

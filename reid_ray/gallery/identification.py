@@ -35,10 +35,17 @@ import pyarrow as pa
 
 from reid_ray import io as rio
 from reid_ray import parts as rparts
+from reid_ray.data.manifest import MANIFEST_SCHEMA
 from reid_ray.errors import ConfigError, OutputError
 from reid_ray.gallery.config import NightlyConfig
 from reid_ray.gallery.decide import KNOWN, NEW, decide, evaluate_decisions, group_new, probability
-from reid_ray.gallery.store import GalleryVersion, fail_point, open_version, read_table
+from reid_ray.gallery.store import (
+    GalleryVersion,
+    by_image_id,
+    fail_point,
+    open_version,
+    read_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +68,7 @@ RESULTS_SCHEMA = pa.schema(
         ("reranked", pa.bool_()),
         ("cand_local_scores", pa.list_(pa.float64())),  # null where an image failed
         ("cand_fused_scores", pa.list_(pa.float64())),
+        ("bbox", MANIFEST_SCHEMA.field("bbox").type),  # the night row's box (null: whole image)
     ]
 )
 REVIEW_CANDIDATES = 3
@@ -286,7 +294,8 @@ def identify(
     timings["group"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    paths = dict(zip(table["image_id"].to_pylist(), table["path"].to_pylist(), strict=True))
+    paths = by_image_id(table, "path")
+    boxes = by_image_id(table, "bbox")
     n = len(ids)
     no_lists = pa.nulls(n, pa.list_(pa.float64()))
     results = pa.table(
@@ -306,6 +315,10 @@ def identify(
             "reranked": pa.array([reranked is not None] * n, pa.bool_()),
             "cand_local_scores": cands["cand_local_scores"] if reranked else no_lists,
             "cand_fused_scores": cands["cand_fused_scores"] if reranked else no_lists,
+            "bbox": pa.array(
+                [None if boxes.get(i) is None else [float(v) for v in boxes[i]] for i in ids],
+                MANIFEST_SCHEMA.field("bbox").type,
+            ),
         },
         schema=RESULTS_SCHEMA,
     )

@@ -134,6 +134,7 @@ def merge_results(
                 f"in {record['embed']}: {sorted(lost)[:5]}"
             )
         paths = dict(zip(ids, table["path"].to_pylist(), strict=True))
+        boxes = dict(zip(ids, table["bbox"].to_pylist(), strict=True))
         got = emb.ids.tolist()
         night = record.get("night", "")
         new_parts.append(
@@ -145,6 +146,7 @@ def merge_results(
                 [paths.get(i) for i in got],
                 "",
                 f"{night}",
+                bboxes=[boxes.get(i) for i in got],
             )
         )
         in_gallery.update(got)

@@ -234,7 +234,7 @@ def _manifest(night: pa.Table, version: GalleryVersion, gallery_ids: set[str]):
 
     cols = ["image_id", "path"] + [c for c in ("bbox", "mask") if c in night.column_names]
     n = night.select(cols).append_column("identity", pa.nulls(night.num_rows, pa.string()))
-    g = read_table(version, ["image_id", "path", "identity"])
+    g = read_table(version, ["image_id", "path", "identity", "bbox"])
     g = g.filter(pc.is_in(g["image_id"], value_set=pa.array(sorted(gallery_ids), pa.string())))
     return Manifest(pa.concat_tables([n, g], promote_options="default"))
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from reid_ray import io as rio
 from reid_ray import parts as rparts
+from reid_ray.data.manifest import MANIFEST_SCHEMA
 from reid_ray.errors import ConfigError, OutputError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ GALLERY_SCHEMA = pa.schema(
         ("path", pa.string()),
         ("added_in", pa.string()),
         ("source", pa.string()),
+        # the image's box (x, y, w, h), null for whole images: re-ranking crops to it as the
+        # embedding did (older versions' parts lack the column and read as null)
+        ("bbox", MANIFEST_SCHEMA.field("bbox").type),
     ]
 )
 
@@ -169,9 +173,17 @@ def read_table(version: GalleryVersion, columns: list[str] | None = None) -> pa.
 
 
 def gallery_table(
-    ids, identities, embeddings: np.ndarray, key: str, paths, added_in: str, source: str
+    ids,
+    identities,
+    embeddings: np.ndarray,
+    key: str,
+    paths,
+    added_in: str,
+    source: str,
+    bboxes=None,
 ) -> pa.Table:
-    """Rows of a new part (``embeddings`` [N, D] float32, L2-normalised)."""
+    """Rows of a new part (``embeddings`` [N, D] float32, L2-normalised; ``bboxes``: one
+    ``[x, y, w, h]`` or None per row, None for all whole images)."""
     from reid_ray.embed.store import embeddings_table
 
     emb = embeddings_table(ids, embeddings, key)
@@ -185,9 +197,24 @@ def gallery_table(
             "path": pa.array([None if p is None else str(p) for p in paths], pa.string()),
             "added_in": pa.array([added_in] * n, pa.string()),
             "source": pa.array([source] * n, pa.string()),
+            "bbox": pa.array(
+                [None] * n if bboxes is None else [_box(b) for b in bboxes],
+                MANIFEST_SCHEMA.field("bbox").type,
+            ),
         },
         schema=GALLERY_SCHEMA,
     )
+
+
+def by_image_id(table: pa.Table, column: str) -> dict:
+    """``{image_id: value}`` of one column; empty when the table lacks the column."""
+    if column not in table.column_names:
+        return {}
+    return dict(zip(table["image_id"].to_pylist(), table[column].to_pylist(), strict=True))
+
+
+def _box(b) -> list[float] | None:
+    return None if b is None else [float(v) for v in b]
 
 
 def _next_name(root: str) -> str:
@@ -297,6 +324,7 @@ __all__ = [
     "FAIL_POINTS",
     "GALLERY_SCHEMA",
     "GalleryVersion",
+    "by_image_id",
     "gallery_table",
     "history",
     "is_gallery",
