@@ -98,10 +98,8 @@ def build_gallery(
     )
     t_embed = time.perf_counter() - t0
     emb = read_embeddings(work, ids=labelled.column("image_id").to_pylist())
-    identity = dict(
-        zip(labelled["image_id"].to_pylist(), labelled["identity"].to_pylist(), strict=True)
-    )
-    paths = dict(zip(labelled["image_id"].to_pylist(), labelled["path"].to_pylist(), strict=True))
+    identity = by_image_id(labelled, "identity")
+    paths = by_image_id(labelled, "path")
     boxes = by_image_id(labelled, "bbox")
     ids = emb.ids.tolist()
     rows = gallery_table(

@@ -315,10 +315,7 @@ def identify(
             "reranked": pa.array([reranked is not None] * n, pa.bool_()),
             "cand_local_scores": cands["cand_local_scores"] if reranked else no_lists,
             "cand_fused_scores": cands["cand_fused_scores"] if reranked else no_lists,
-            "bbox": pa.array(
-                [None if boxes.get(i) is None else [float(v) for v in boxes[i]] for i in ids],
-                MANIFEST_SCHEMA.field("bbox").type,
-            ),
+            "bbox": pa.array([boxes.get(i) for i in ids], MANIFEST_SCHEMA.field("bbox").type),
         },
         schema=RESULTS_SCHEMA,
     )

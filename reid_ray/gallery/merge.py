@@ -23,7 +23,13 @@ from reid_ray import io as rio
 from reid_ray import parts as rparts
 from reid_ray.errors import ConfigError, OutputError
 from reid_ray.gallery.config import NightlyConfig
-from reid_ray.gallery.store import gallery_table, open_version, read_table, write_version
+from reid_ray.gallery.store import (
+    by_image_id,
+    gallery_table,
+    open_version,
+    read_table,
+    write_version,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +139,8 @@ def merge_results(
                 f"{results_dir}: {len(lost)} accepted image(s) have no embedding "
                 f"in {record['embed']}: {sorted(lost)[:5]}"
             )
-        paths = dict(zip(ids, table["path"].to_pylist(), strict=True))
-        boxes = dict(zip(ids, table["bbox"].to_pylist(), strict=True))
+        paths = by_image_id(table, "path")
+        boxes = by_image_id(table, "bbox")
         got = emb.ids.tolist()
         night = record.get("night", "")
         new_parts.append(
