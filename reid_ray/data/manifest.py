@@ -26,6 +26,8 @@ REQUIRED_COLUMNS = ("image_id", "path")
 OPTIONAL_COLUMNS = ("identity", "species", "viewpoint", "bbox", "date", "split", "mask")
 UNKNOWN_IDENTITIES = {"", "unknown", "nan", "none", "null"}
 
+BBOX_TYPE = pa.list_(pa.float32(), 4)  # x, y, w, h in pixels; null: the whole image
+
 MANIFEST_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -33,7 +35,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("identity", pa.string()),
         ("species", pa.string()),
         ("viewpoint", pa.string()),
-        ("bbox", pa.list_(pa.float32(), 4)),
+        ("bbox", BBOX_TYPE),
         ("date", pa.string()),
         ("split", pa.string()),
         ("mask", pa.string()),

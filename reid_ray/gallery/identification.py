@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from reid_ray import io as rio
 from reid_ray import parts as rparts
-from reid_ray.data.manifest import MANIFEST_SCHEMA
+from reid_ray.data.manifest import BBOX_TYPE
 from reid_ray.errors import ConfigError, OutputError
 from reid_ray.gallery.config import NightlyConfig
 from reid_ray.gallery.decide import KNOWN, NEW, decide, evaluate_decisions, group_new, probability
@@ -68,7 +68,7 @@ RESULTS_SCHEMA = pa.schema(
         ("reranked", pa.bool_()),
         ("cand_local_scores", pa.list_(pa.float64())),  # null where an image failed
         ("cand_fused_scores", pa.list_(pa.float64())),
-        ("bbox", MANIFEST_SCHEMA.field("bbox").type),  # the night row's box (null: whole image)
+        ("bbox", BBOX_TYPE),  # the night row's box (null: whole image)
     ]
 )
 REVIEW_CANDIDATES = 3
@@ -315,7 +315,7 @@ def identify(
             "reranked": pa.array([reranked is not None] * n, pa.bool_()),
             "cand_local_scores": cands["cand_local_scores"] if reranked else no_lists,
             "cand_fused_scores": cands["cand_fused_scores"] if reranked else no_lists,
-            "bbox": pa.array([boxes.get(i) for i in ids], MANIFEST_SCHEMA.field("bbox").type),
+            "bbox": pa.array([boxes.get(i) for i in ids], BBOX_TYPE),
         },
         schema=RESULTS_SCHEMA,
     )

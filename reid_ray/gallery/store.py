@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from reid_ray import io as rio
 from reid_ray import parts as rparts
-from reid_ray.data.manifest import MANIFEST_SCHEMA
+from reid_ray.data.manifest import BBOX_TYPE
 from reid_ray.errors import ConfigError, OutputError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ GALLERY_SCHEMA = pa.schema(
         ("source", pa.string()),
         # the image's box (x, y, w, h), null for whole images: re-ranking crops to it as the
         # embedding did (older versions' parts lack the column and read as null)
-        ("bbox", MANIFEST_SCHEMA.field("bbox").type),
+        ("bbox", BBOX_TYPE),
     ]
 )
 
@@ -198,8 +198,8 @@ def gallery_table(
             "added_in": pa.array([added_in] * n, pa.string()),
             "source": pa.array([source] * n, pa.string()),
             "bbox": pa.array(
-                [None] * n if bboxes is None else [_box(b) for b in bboxes],
-                MANIFEST_SCHEMA.field("bbox").type,
+                [None] * n if bboxes is None else list(bboxes),
+                BBOX_TYPE,
             ),
         },
         schema=GALLERY_SCHEMA,
@@ -211,10 +211,6 @@ def by_image_id(table: pa.Table, column: str) -> dict:
     if column not in table.column_names:
         return {}
     return dict(zip(table["image_id"].to_pylist(), table[column].to_pylist(), strict=True))
-
-
-def _box(b) -> list[float] | None:
-    return None if b is None else [float(v) for v in b]
 
 
 def _next_name(root: str) -> str:

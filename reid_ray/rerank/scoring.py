@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from reid_ray import io as rio
 from reid_ray.console import ProgressFn
+from reid_ray.data.manifest import BBOX_TYPE
 from reid_ray.errors import ConfigError, ManifestError, OutputError
 from reid_ray.parts import list_parts, read_parts
 from reid_ray.rerank.actors import (
@@ -88,9 +89,7 @@ def _image_rows(manifest, ids: set[str]) -> pa.Table:
     t = manifest.table
     t = t.filter(pc.is_in(t["image_id"], value_set=pa.array(sorted(ids), pa.string())))
     cols = {"image_id": t["image_id"], "path": t["path"]}
-    cols["bbox"] = (
-        t["bbox"] if "bbox" in t.column_names else pa.nulls(t.num_rows, pa.list_(pa.float32(), 4))
-    )
+    cols["bbox"] = t["bbox"] if "bbox" in t.column_names else pa.nulls(t.num_rows, BBOX_TYPE)
     cols["mask"] = t["mask"] if "mask" in t.column_names else pa.nulls(t.num_rows, pa.string())
     return pa.table(cols)
 
