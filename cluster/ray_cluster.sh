@@ -146,7 +146,10 @@ rr_cleanup() {
     done
     RR_PIDS=()
     if [[ -n "${RR_TMP:-}" && "${RR_KEEP_TMP:-0}" != 1 ]]; then
-        rm -rf "$RR_TMP"
+        # a Ray helper can still be writing its logs for a moment: retry, then leave the
+        # folder rather than fail a job that succeeded
+        rm -rf "$RR_TMP" 2>/dev/null || { sleep 2; rm -rf "$RR_TMP" 2>/dev/null; } ||
+            rr_log "could not remove $RR_TMP (a Ray process still writing): left in place"
     fi
     rr_log "Ray cluster stopped"
 }
