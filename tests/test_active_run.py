@@ -22,7 +22,7 @@ CONFIG = os.path.join(REPO, "jobs", "configs", "al_toyzoo.yaml")
 
 def test_shipped_config_loads_and_bad_settings_fail_fast():
     cfg = load_al_config(CONFIG)
-    assert cfg.sampler == "aas" and cfg.train_config("timm:resnet18").epochs == 2
+    assert cfg.sampler == "aas" and cfg.train_config("timm:resnet18").epochs == 4
     for bad in ({"sampler": "entropy"}, {"budget": "lots"}, {"rounds": 0},
                 {"train": {"no_such": 1}}, {"train": {"model": "x"}}):  # fmt: skip
         with pytest.raises(ConfigError):

@@ -16,7 +16,9 @@ def al_command(
         None, help="Starting model: timm:NAME, hf-hub:ORG/NAME or a checkpoint."
     ),
     sampler: str = typer.Option(
-        None, help="usl (no answers), random, margin or aas (ambiguity-aware)."
+        None,
+        help="usl (no answers), random (k-NN pairs), random_all (any pairs), margin or "
+        "aas (ambiguity-aware).",
     ),
     budget: str = typer.Option(
         None, help="Pairs to ask: a fraction of all train pairs (0.00033 or 0.033%) or a count."
