@@ -47,19 +47,32 @@ def cell_path(out: str, dataset: str, cell: str) -> str:
 
 
 def cell_fingerprint(ds: PreparedDataset, method: MethodSpec, cfg: BenchmarkConfig,
-                     budget: float | str | None) -> str:  # fmt: skip
-    """What decides a cell's result: the method's settings, the split files, k, by_species."""
+                     budget: float | str | None, *, legacy: bool = False) -> str:  # fmt: skip
+    """What decides a cell's result: the method's settings, the cell's budget, the split
+    files, k, by_species. The method's list of budgets is left out, so adding a budget does
+    not redo the cells of the others; ``legacy``: the fingerprint cells were recorded with
+    before 2026-12-05 (the list included), still accepted for finished cells."""
+    settings = to_dict(method)
+    if not legacy:
+        settings.pop("budgets", None)
     splits = {sp: rio.read_bytes(p).decode() for sp, p in ds.species_splits.items()}
-    return short_hash(
-        [to_dict(method), budget, ds.fingerprint, short_hash(splits), cfg.k, cfg.by_species]
-    )
+    return short_hash([settings, budget, ds.fingerprint, short_hash(splits), cfg.k, cfg.by_species])
 
 
-def finished_cell(path: str, fingerprint: str) -> dict[str, Any] | None:
+def finished_cell(path: str, fingerprint: str, legacy: str | None = None) -> dict[str, Any] | None:
+    """The cell's record if it finished with ``fingerprint``; one recorded with ``legacy``
+    is finished too, and its record is rewritten with ``fingerprint`` (so the method's
+    budgets can change afterwards without redoing it)."""
     if not rio.exists(path):
         return None
     record = rio.read_json(path)
-    if record.get("status") == "done" and record.get("fingerprint") == fingerprint:
+    if record.get("status") != "done":
+        return None
+    if record.get("fingerprint") == fingerprint:
+        return record
+    if legacy is not None and record.get("fingerprint") == legacy:
+        record["fingerprint"] = fingerprint
+        rio.write_json_atomic(path, record)
         return record
     return None
 
@@ -96,7 +109,8 @@ def run_benchmark(
         for method, cell, budget in cells:
             path = cell_path(cfg.out, ds.name, cell)
             fingerprint = cell_fingerprint(ds, method, cfg, budget)
-            record = finished_cell(path, fingerprint)
+            legacy = cell_fingerprint(ds, method, cfg, budget, legacy=True)
+            record = finished_cell(path, fingerprint, legacy)
             if record is not None:
                 counts["done_before"] += 1
                 logger.info("benchmark %s / %s: finished before, skipped", ds.name, cell)
