@@ -1,4 +1,4 @@
-r"""Active learning on toy zoos: usl vs random (k-NN pairs) vs random_all (any pairs) vs
+r"""Active learning on toy zoos: usl vs random (any pairs) vs random_knn (k-NN pairs) vs
 margin vs aas at one equal budget, averaged over seeds (each seed a different zoo and sampler seed), with the spread.
 
     python benchmarks/active_toyzoo.py --seeds 0 1 2 3 4 --budget 0.5% --rounds 1 --epochs 4 \
@@ -24,7 +24,7 @@ import time
 
 from result_record import REPO, result_record, write_result  # benchmarks/ is on sys.path
 
-SAMPLERS = ("usl", "random", "random_all", "margin", "aas")
+SAMPLERS = ("usl", "random", "random_knn", "margin", "aas")
 CEILING = "labels"  # the same fine-tune on the true identities of every train row
 KEYS = ("mAP", "top1", "auroc", "baks", "baus", "nmi", "ari", "pair_precision", "pair_recall")
 

@@ -135,7 +135,7 @@ def ambiguous():
     return x, y, cl
 
 
-@pytest.mark.parametrize("name", ["random", "random_all", "margin", "aas"])
+@pytest.mark.parametrize("name", ["random", "random_knn", "margin", "aas"])
 def test_samplers_return_new_distinct_pairs(ambiguous, name):
     x, _, cl = ambiguous
     pairs = sample_pairs(name, x, cl, 15, known=Known(len(x)), seed=0)
@@ -151,19 +151,19 @@ def test_samplers_skip_pairs_whose_answer_is_implied(ambiguous):
     a, b, _ = cl.graph.edges()
     must = [(int(a[0]), int(b[0]))]
     known = Known(len(x), must=must, cannot=[(int(a[1]), int(b[1]))])
-    for name in ("random", "random_all", "margin", "aas"):
+    for name in ("random", "random_knn", "margin", "aas"):
         pairs = sample_pairs(name, x, cl, 30, known=known)
         assert not any(known.implied(p, q) for p, q in pairs)
 
 
-def test_random_draws_from_the_candidate_pairs_and_random_all_from_every_pair(ambiguous):
+def test_random_knn_draws_from_the_candidate_pairs_and_random_from_every_pair(ambiguous):
     x, _, cl = ambiguous
     a, b, _ = cl.graph.edges()
     edges = set(zip(a.tolist(), b.tolist(), strict=True))
-    knn = sample_pairs("random", x, cl, 40, known=Known(len(x)), seed=3)
+    knn = sample_pairs("random_knn", x, cl, 40, known=Known(len(x)), seed=3)
     assert set(knn) <= edges
-    assert knn != sample_pairs("random", x, cl, 40, known=Known(len(x)), seed=4)
-    anywhere = sample_pairs("random_all", x, cl, 200, known=Known(len(x)), seed=3)
+    assert knn != sample_pairs("random_knn", x, cl, 40, known=Known(len(x)), seed=4)
+    anywhere = sample_pairs("random", x, cl, 200, known=Known(len(x)), seed=3)
     assert set(anywhere) - edges  # most of all pairs are not k-NN edges
 
 

@@ -17,7 +17,7 @@ def al_command(
     ),
     sampler: str = typer.Option(
         None,
-        help="usl (no answers), random (k-NN pairs), random_all (any pairs), margin or "
+        help="usl (no answers), random (any pairs), random_knn (k-NN pairs), margin or "
         "aas (ambiguity-aware).",
     ),
     budget: str = typer.Option(
