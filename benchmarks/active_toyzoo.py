@@ -242,7 +242,8 @@ def _plot(args, summary) -> None:
         if key in summary["start"] and summary["start"][key]:
             ax.axhline(summary["start"][key]["mean"], color="k", ls="--", lw=1, label="start")
             ax.legend()
-        ax.set_title(f"{key} (mean ± std over seeds)" if key != "ari" else "pseudo-label ARI")
+        ax.set_title(f"{key} (mean ± std over runs)" if key != "ari" else "pseudo-label ARI")
+        ax.tick_params(axis="x", labelrotation=30)
     fig.suptitle(
         f"toy zoo AL, budget {args.budget}, {args.rounds} round(s), {args.epochs} epoch(s)"
     )
