@@ -1,5 +1,6 @@
 r"""Active learning on toy zoos: usl vs random (any pairs) vs random_knn (k-NN pairs) vs
-margin vs aas at one equal budget, averaged over seeds (each seed a different zoo and sampler seed), with the spread.
+margin vs aas at one equal budget, averaged over seeds (each seed a different zoo and
+sampler seed), with the spread.
 
     python benchmarks/active_toyzoo.py --seeds 0 1 2 3 4 --budget 0.5% --rounds 1 --epochs 4 \
         --size 128 --individuals 60 --images-per 8
@@ -217,7 +218,7 @@ def _write(args, runs, **extra) -> None:
         "mAP/top1 on query vs gallery, auroc known (query) vs unknown (query_unknown) by "
         "top-1 similarity, after the last round's fine-tune; nmi/ari/pair_* of the refined "
         "pseudo-labels of the train rows against the hidden identities; mean and population "
-        f"std over seeds; seconds per round by phase; {CEILING!r}: the same fine-tune on the "
+        f"std over runs (seeds, and repeats when merged); seconds per round by phase; {CEILING!r}: the same fine-tune on the "
         "true identities of every train row (the ceiling of any pseudo-labels)",
         **extra,
         summary=summary,

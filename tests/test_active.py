@@ -154,6 +154,12 @@ def test_samplers_skip_pairs_whose_answer_is_implied(ambiguous):
     for name in ("random", "random_knn", "margin", "aas"):
         pairs = sample_pairs(name, x, cl, 30, known=known)
         assert not any(known.implied(p, q) for p, q in pairs)
+    # must-links joining two thirds of the items imply the answer of about half of all pairs
+    chain = [(i, i + 1) for i in range(len(x) * 2 // 3 - 1)]
+    known = Known(len(x), must=chain)
+    for name in ("random", "random_knn", "margin", "aas"):
+        pairs = sample_pairs(name, x, cl, 30, known=known)
+        assert len(pairs) == 30 and not any(known.implied(p, q) for p, q in pairs)
 
 
 def test_random_knn_draws_from_the_candidate_pairs_and_random_from_every_pair(ambiguous):
@@ -165,6 +171,8 @@ def test_random_knn_draws_from_the_candidate_pairs_and_random_from_every_pair(am
     assert knn != sample_pairs("random_knn", x, cl, 40, known=Known(len(x)), seed=4)
     anywhere = sample_pairs("random", x, cl, 200, known=Known(len(x)), seed=3)
     assert set(anywhere) - edges  # most of all pairs are not k-NN edges
+    every = sample_pairs("random_knn", x, cl, len(edges) + 5, known=Known(len(x)))
+    assert sorted(every) == sorted(edges)  # the candidates run out: each asked once
 
 
 def test_margin_picks_pairs_nearest_the_threshold(ambiguous):

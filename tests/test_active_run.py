@@ -23,6 +23,8 @@ CONFIG = os.path.join(REPO, "jobs", "configs", "al_toyzoo.yaml")
 def test_shipped_config_loads_and_bad_settings_fail_fast():
     cfg = load_al_config(CONFIG)
     assert cfg.sampler == "aas" and cfg.train_config("timm:resnet18").epochs == 4
+    default = load_al_config({"manifest": "m.csv", "out": "o"}).train_config("timm:resnet18")
+    assert (default.epochs, default.sampler) == (4, "random")
     for bad in ({"sampler": "entropy"}, {"budget": "lots"}, {"rounds": 0},
                 {"train": {"no_such": 1}}, {"train": {"model": "x"}}):  # fmt: skip
         with pytest.raises(ConfigError):

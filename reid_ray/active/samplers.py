@@ -1,8 +1,8 @@
 """Which pairs to ask about: budgets and the samplers.
 
 - ``random``: pairs drawn uniformly from all N(N-1)/2 pairs (the plain baseline). Almost
-  all are plainly different animals (9 "same" in 505 on the toy zoo, 2 in 1,718 on the
-  dogs), so their answers barely move the pseudo-labels;
+  all are plainly different animals (about 8 "same" in 505 on the toy zoo, 2 in 1,718
+  on the dogs), so their answers barely move the pseudo-labels;
 - ``random_knn``: pairs drawn uniformly from the candidate pairs, the k-NN graph's edges
   that ``margin`` and ``aas`` choose from too, so the three differ only in how they choose
   (a stronger baseline than ``random``);
@@ -107,16 +107,22 @@ def threshold(graph: KnnGraph, labels: np.ndarray) -> float:
     return float(np.median(s)) if len(s) else 0.5
 
 
-def knn_random_pairs(graph: KnnGraph, count: int, rng: np.random.Generator, known: Known) -> list:
-    """``count`` k-NN pairs drawn uniformly (without replacement), none already known."""
-    a, b, _ = graph.edges()
+def _first_new(a: np.ndarray, b: np.ndarray, order, count: int, known: Known) -> list:
+    """The first ``count`` pairs ``(a[k], b[k])`` in ``order`` whose answer is not known
+    (fewer when the candidates run out)."""
     chosen = []
-    for k in rng.permutation(len(a)).tolist():
+    for k in order:
         if len(chosen) == count:
             break
         if not known.implied(int(a[k]), int(b[k])):
             chosen.append((int(a[k]), int(b[k])))
     return chosen
+
+
+def knn_random_pairs(graph: KnnGraph, count: int, rng: np.random.Generator, known: Known) -> list:
+    """``count`` k-NN pairs drawn uniformly (without replacement), none already known."""
+    a, b, _ = graph.edges()
+    return _first_new(a, b, rng.permutation(len(a)).tolist(), count, known)
 
 
 def random_pairs(n: int, count: int, rng: np.random.Generator, known: Known) -> list:
@@ -142,13 +148,7 @@ def margin_pairs(graph: KnnGraph, labels: np.ndarray, count: int, known: Known) 
     a, b, s = graph.edges()
     tau = threshold(graph, labels)
     order = np.argsort(np.abs(s - tau), kind="stable")
-    chosen = []
-    for k in order.tolist():
-        if len(chosen) == count:
-            break
-        if not known.implied(int(a[k]), int(b[k])):
-            chosen.append((int(a[k]), int(b[k])))
-    return chosen
+    return _first_new(a, b, order.tolist(), count, known)
 
 
 def disagreement(clusterings: Clusterings) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

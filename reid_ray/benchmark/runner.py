@@ -59,10 +59,14 @@ def cell_fingerprint(ds: PreparedDataset, method: MethodSpec, cfg: BenchmarkConf
     return short_hash([settings, budget, ds.fingerprint, short_hash(splits), cfg.k, cfg.by_species])
 
 
-def finished_cell(path: str, fingerprint: str, legacy: str | None = None) -> dict[str, Any] | None:
+def finished_cell(
+    path: str, fingerprint: str, legacy: str | None = None, *, rewrite: bool = True
+) -> dict[str, Any] | None:
     """The cell's record if it finished with ``fingerprint``; one recorded with ``legacy``
-    is finished too, and its record is rewritten with ``fingerprint`` (so the method's
-    budgets can change afterwards without redoing it)."""
+    is finished too, and (``rewrite``) its record is rewritten with ``fingerprint``, so the
+    method's budgets can change afterwards without redoing it. The legacy fingerprint is
+    made from today's list of budgets: change the list only after one run has rewritten
+    the records, or the old cells are redone."""
     if not rio.exists(path):
         return None
     record = rio.read_json(path)
@@ -71,8 +75,9 @@ def finished_cell(path: str, fingerprint: str, legacy: str | None = None) -> dic
     if record.get("fingerprint") == fingerprint:
         return record
     if legacy is not None and record.get("fingerprint") == legacy:
-        record["fingerprint"] = fingerprint
-        rio.write_json_atomic(path, record)
+        if rewrite:
+            record["fingerprint"] = fingerprint
+            rio.write_json_atomic(path, record)
         return record
     return None
 
@@ -110,7 +115,7 @@ def run_benchmark(
             path = cell_path(cfg.out, ds.name, cell)
             fingerprint = cell_fingerprint(ds, method, cfg, budget)
             legacy = cell_fingerprint(ds, method, cfg, budget, legacy=True)
-            record = finished_cell(path, fingerprint, legacy)
+            record = finished_cell(path, fingerprint, legacy, rewrite=not report_only)
             if record is not None:
                 counts["done_before"] += 1
                 logger.info("benchmark %s / %s: finished before, skipped", ds.name, cell)
