@@ -31,7 +31,7 @@ def test_example_config_loads():
 def test_adding_a_budget_keeps_the_other_budgets_cells_finished(tmp_path):
     from reid_ray import io as rio
     from reid_ray.benchmark.datasets import PreparedDataset
-    from reid_ray.benchmark.runner import cell_fingerprint, finished_cell
+    from reid_ray.benchmark.runner import cell_fingerprints, finished_cell
 
     split = tmp_path / "split.csv"
     split.write_text("image_id,split\na,train\nb,query\n")
@@ -40,16 +40,16 @@ def test_adding_a_budget_keeps_the_other_budgets_cells_finished(tmp_path):
     aas = {"name": "aas", "kind": "al", "al": {"sampler": "aas"}}
     one = load_benchmark_config({**base, "methods": [{**aas, "budgets": ["0.1%"]}]})
     two = load_benchmark_config({**base, "methods": [{**aas, "budgets": ["0.1%", "0.033%"]}]})
-    done = cell_fingerprint(ds, one.methods[0], one, "0.1%")
-    assert cell_fingerprint(ds, two.methods[0], two, "0.1%") == done
-    assert cell_fingerprint(ds, two.methods[0], two, "0.033%") != done
+    done = cell_fingerprints(ds, one.methods[0], one, "0.1%")[0]
+    assert cell_fingerprints(ds, two.methods[0], two, "0.1%")[0] == done
+    assert cell_fingerprints(ds, two.methods[0], two, "0.033%")[0] != done
     other = load_benchmark_config(
         {**base, "methods": [{**aas, "budgets": ["0.1%"], "al": {"sampler": "margin"}}]}
     )
-    assert cell_fingerprint(ds, other.methods[0], other, "0.1%") != done
+    assert cell_fingerprints(ds, other.methods[0], other, "0.1%")[0] != done
     # a cell recorded before the change (budgets in its fingerprint) is still finished
     path = str(tmp_path / "cell.json")
-    old = cell_fingerprint(ds, one.methods[0], one, "0.1%", legacy=True)
+    old = cell_fingerprints(ds, one.methods[0], one, "0.1%")[1]
     rio.write_json_atomic(path, {"status": "done", "fingerprint": old})
     assert finished_cell(path, done) is None
     assert finished_cell(path, done, old, rewrite=False) is not None  # a report-only look

@@ -46,17 +46,18 @@ def cell_path(out: str, dataset: str, cell: str) -> str:
     return rio.join(out, "cells", dataset, f"{cell}.json")
 
 
-def cell_fingerprint(ds: PreparedDataset, method: MethodSpec, cfg: BenchmarkConfig,
-                     budget: float | str | None, *, legacy: bool = False) -> str:  # fmt: skip
+def cell_fingerprints(ds: PreparedDataset, method: MethodSpec, cfg: BenchmarkConfig,
+                      budget: float | str | None) -> tuple[str, str]:  # fmt: skip
     """What decides a cell's result: the method's settings, the cell's budget, the split
-    files, k, by_species. The method's list of budgets is left out, so adding a budget does
-    not redo the cells of the others; ``legacy``: the fingerprint cells were recorded with
-    before 2026-12-05 (the list included), still accepted for finished cells."""
+    files, k, by_species. Returns ``(fingerprint, legacy)``: the first leaves the method's
+    list of budgets out, so adding a budget does not redo the cells of the others; the
+    second includes it, as cells recorded before 2026-12-05 were (still accepted)."""
     settings = to_dict(method)
-    if not legacy:
-        settings.pop("budgets", None)
     splits = {sp: rio.read_bytes(p).decode() for sp, p in ds.species_splits.items()}
-    return short_hash([settings, budget, ds.fingerprint, short_hash(splits), cfg.k, cfg.by_species])
+    rest = [budget, ds.fingerprint, short_hash(splits), cfg.k, cfg.by_species]
+    legacy = short_hash([settings, *rest])
+    settings.pop("budgets", None)
+    return short_hash([settings, *rest]), legacy
 
 
 def finished_cell(
@@ -113,8 +114,7 @@ def run_benchmark(
         records[ds.name] = []
         for method, cell, budget in cells:
             path = cell_path(cfg.out, ds.name, cell)
-            fingerprint = cell_fingerprint(ds, method, cfg, budget)
-            legacy = cell_fingerprint(ds, method, cfg, budget, legacy=True)
+            fingerprint, legacy = cell_fingerprints(ds, method, cfg, budget)
             record = finished_cell(path, fingerprint, legacy, rewrite=not report_only)
             if record is not None:
                 counts["done_before"] += 1
