@@ -241,7 +241,7 @@ def _row_dict(r: Row) -> dict[str, Any]:
         "model": r.model,
         **{k: m.get(k) for k in ("top1", "top5", "top20", "mAP", "baks", "baus", "threshold")},
         "auroc_known_unknown": m.get("auroc_known_unknown"),
-        "open_set": {k: decision.get(k) for k in ("rule", "score", "fitted_on", "separable",
+        "open_set": {k: decision.get(k) for k in ("rule", "score", "gate", "fitted_on", "separable",
                                                   "auroc", "n_known", "n_unknown", "message")},
         "open_set_plot": m.get("open_set_plot"),
         "seconds": round(r.seconds, 1),

@@ -12,10 +12,8 @@ from reid_ray.errors import ConfigError
 from reid_ray.evaluation.metrics import (
     cluster_metrics,
     open_set_metrics,
-    predict_with_threshold,
     retrieval_metrics,
     retrieval_metrics_from_similarity,
-    select_threshold_loo,
 )
 
 # --------------------------------------------------------------------------- retrieval
@@ -136,100 +134,6 @@ def test_open_set_no_unknown_or_empty_is_nan_and_custom_label():
     assert math.isnan(m["baks"]) and math.isnan(m["baus"]) and m["n_known"] == 0
     with pytest.raises(ConfigError, match="length"):
         open_set_metrics(["a"], ["a", "b"], ["a"])
-
-
-def test_predict_with_threshold():
-    scores = [0.9, 0.5, 0.4, float("nan"), 0.8]
-    pred = predict_with_threshold(scores, ["a", "b", "c", "d", None], 0.5)
-    assert pred.tolist() == ["a", "b", "new", "new", "new"]
-    with pytest.raises(ConfigError, match="threshold"):
-        predict_with_threshold([0.9], ["a"], float("nan"))
-    with pytest.raises(ConfigError, match="length"):
-        predict_with_threshold([0.9, 0.1], ["a"], 0.5)
-
-
-def _neighbours(sim: np.ndarray, identities: list[str], k: int):
-    """Each gallery item's k best neighbours among the others (self excluded)."""
-    sim = sim.astype(float).copy()
-    np.fill_diagonal(sim, -np.inf)
-    order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-    ids = np.array(identities, dtype=object)
-    return np.take_along_axis(sim, order, axis=1), ids[order]
-
-
-def test_select_threshold_between_separated_groups():
-    identities = ["a", "a", "a", "b", "b", "b", "c", "d", "d"]
-    rng = np.random.default_rng(1)
-    n = len(identities)
-    same = np.equal.outer(np.array(identities), np.array(identities))
-    sim = np.where(same, rng.uniform(0.8, 0.95, (n, n)), rng.uniform(0.1, 0.3, (n, n)))
-    sim = (sim + sim.T) / 2
-    scores, ids = _neighbours(sim, identities, k=4)
-    threshold, info = select_threshold_loo(scores, ids, identities)
-    offdiag = sim[~np.eye(n, dtype=bool)]
-    same_off = same[~np.eye(n, dtype=bool)]
-    max_other = offdiag[~same_off].max()
-    # known samples: the top neighbour of the 8 items whose individual has >= 2 images
-    min_top_same = min(sim[i, same[i] & (np.arange(n) != i)].max() for i in range(n) if i != 6)
-    assert max_other < threshold < min_top_same
-    assert threshold == pytest.approx((max_other + min_top_same) / 2)
-    assert info["baks"] == 1.0 and info["baus"] == 1.0 and info["objective"] == 1.0
-    assert (info["n_known"], info["n_unknown"]) == (8, 9)  # "c" is alone: no known sample
-
-    # applied to held-out queries it separates known from new
-    pred = predict_with_threshold([0.9, 0.2], ["a", "b"], threshold)
-    assert pred.tolist() == ["a", "new"]
-
-
-def test_select_threshold_hand_computed_with_a_wrong_neighbour():
-    gallery = ["a", "a", "b", "b"]
-    ids = np.array(
-        [["a", "b", "b"], ["a", "b", "b"], ["b", "a", "a"], ["a", "b", "a"]], dtype=object
-    )
-    scores = np.array([[0.9, 0.4, 0.3], [0.9, 0.5, 0.2], [0.7, 0.5, 0.4], [0.75, 0.7, 0.2]])
-    # known: items 0, 1, 2 right at 0.9, 0.9, 0.7; item 3 wrong (0.75 from "a"): counts never.
-    # unknown (best other identity): 0.4, 0.5, 0.5, 0.75. Weights 1/4 each (2 per identity).
-    #   t <= 0.4: BAKS 3/4 BAUS 0   -> 0.375     (0.4, 0.5]: 3/4, 1/4 -> 0.5
-    #   (0.5, 0.7]: 3/4, 3/4 -> 0.75            (0.7, 0.75]: 1/2, 3/4 -> 0.625
-    #   (0.75, 0.9]: 1/2, 1 -> 0.75             t > 0.9: 0, 1 -> 0.5
-    # tie between (0.5, 0.7] and (0.75, 0.9]: the lower, midpoint 0.6.
-    threshold, info = select_threshold_loo(scores, ids, gallery)
-    assert threshold == pytest.approx(0.6)
-    assert info["baks"] == pytest.approx(0.75)
-    assert info["baus"] == pytest.approx(0.75)
-    assert info["objective"] == pytest.approx(0.75)
-    assert info["n_candidates"] == 6
-
-
-def test_select_threshold_padding_and_all_same_neighbours():
-    gallery = ["a", "a", "a", "b"]
-    ids = np.array([["a", "a"], ["a", None], ["a", "a"], ["a", None]], dtype=object)
-    scores = np.array([[0.9, 0.8], [0.85, -np.inf], [0.9, 0.7], [0.3, np.nan]])
-    # unknown scores: item 0 lists only "a": lowest listed 0.8 (pessimistic); item 1: 0.85;
-    # item 2: 0.7; item 3: 0.3 ("a" is another identity). Known: 0.9, 0.85, 0.9 all right.
-    # BAKS weights 1/3 each (one identity); BAUS: a's three 1/6 each, b's one 1/2.
-    #   (0.3, 0.7]: BAKS 1, BAUS 1/2 -> 3/4          (0.7, 0.8]: 1, 1/2 + 1/6 -> 5/6
-    #   (0.8, 0.85]: 1, 1/2 + 2/6 -> 11/12 (best)   (0.85, 0.9]: 2/3, 1 -> 5/6
-    threshold, info = select_threshold_loo(scores, ids, gallery)
-    assert threshold == pytest.approx(0.825)
-    assert info["baks"] == pytest.approx(1.0)
-    assert info["baus"] == pytest.approx(5 / 6)
-    assert info["objective"] == pytest.approx(11 / 12)
-    assert (info["n_known"], info["n_unknown"]) == (3, 4)
-
-
-def test_select_threshold_nothing_to_simulate():
-    threshold, info = select_threshold_loo(np.zeros((0, 3)), np.zeros((0, 3), dtype=object), [])
-    assert math.isnan(threshold) and info["reason"] == "empty gallery"
-    # every individual seen once: no known sample
-    threshold, info = select_threshold_loo(
-        np.array([[0.5], [0.5]]), np.array([["b"], ["a"]], dtype=object), ["a", "b"]
-    )
-    assert math.isnan(threshold) and "no individual" in info["reason"]
-    with pytest.raises(ConfigError, match="shape"):
-        select_threshold_loo(np.zeros((2, 3)), np.zeros((2, 2), dtype=object), ["a", "b"])
-    with pytest.raises(ConfigError, match="shape"):
-        select_threshold_loo(np.zeros((3, 3)), np.zeros((3, 3), dtype=object), ["a", "b"])
 
 
 # --------------------------------------------------------------------------- clustering

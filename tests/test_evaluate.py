@@ -89,18 +89,15 @@ def test_candidates_are_written_for_every_query(evaluated, zoo):
 def test_metrics_agree_with_brute_force(evaluated, zoo):
     """Recompute from the stored embeddings with dense numpy: same retrieval metrics, and
     the same threshold from the gallery alone (the queries play no part in it)."""
-    from reid_ray.embed import read_embeddings
-    from reid_ray.evaluation.metrics import (
-        open_set_metrics,
-        predict_with_threshold,
-        retrieval_metrics_from_similarity,
-    )
-    from reid_ray.evaluation.openset import (
+    from reid_ray.decide import (
         auroc,
         choose_samples,
         fit_decision,
         pairs_from_matrix,
+        predict_with_threshold,
     )
+    from reid_ray.embed import read_embeddings
+    from reid_ray.evaluation.metrics import open_set_metrics, retrieval_metrics_from_similarity
 
     out, metrics = evaluated
     rows = _tables(zoo)
@@ -170,8 +167,16 @@ def test_shared_embeddings_and_reranking(evaluated, zoo, tmp_path):
     assert metrics["global"]["top1"] == pytest.approx(first["top1"])
     assert metrics["global"]["threshold"] == pytest.approx(first["threshold"])
     assert metrics["open_set"]["fitted_on"].startswith("re-ranking calibration pairs")
-    assert "P(same)" in metrics["open_set"]["score"]
-    assert 0.0 <= metrics["threshold"] <= 1.0  # a probability
+    # the decision applies to the global cosine or the fused probability, whichever the
+    # simulation on the calibration pairs prefers, and says which (and why)
+    gate = metrics["open_set"]["gate"]
+    assert metrics["decision_score"] == gate
+    assert set(metrics["open_set"]["info"]["gates"]) == {"global", "fused"}
+    assert ("P(same)" if gate == "fused" else "cosine") in metrics["open_set"]["score"]
+    gates = metrics["open_set"]["info"]["gates"]
+    assert (gate == "fused") == (gates["fused"]["hmean"] > gates["global"]["hmean"] + 0.01)
+    if gate == "fused":
+        assert 0.0 <= metrics["threshold"] <= 1.0  # a probability
     assert metrics["open_set_plot"].endswith("open_set_rerank.png")
     assert metrics["rerank"]["stats"]["calibration"]["pairs"] > 0
     assert metrics["top5"] == pytest.approx(metrics["global"]["top5"])  # re-ranks the top-5

@@ -1,29 +1,27 @@
-"""Pure parts of the gallery: threshold fitting, decision, grouping, folding, reviewed CSVs."""
+"""Pure parts of the gallery: its decision fit, grouping, folding, reviewed CSVs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from reid_ray.decide import KNOWN, NEW, confidence_from_record, known_or_new
 from reid_ray.errors import ConfigError
-from reid_ray.gallery.decide import (
-    KNOWN,
-    NEW,
-    decide,
-    evaluate_decisions,
-    fit_calibration,
-    group_new,
-    probability,
-)
+from reid_ray.gallery.build import fit_gallery_decision as fit_calibration
+from reid_ray.gallery.provisional import evaluate_decisions, group_new
 from reid_ray.gallery.searcher import fold_identities
 
 
-def test_decide_and_probability():
-    d = decide(np.array([0.9, 0.5, np.nan]), 0.7)
+def test_decision_and_a_confidence_stored_by_an_older_gallery():
+    d = known_or_new(np.array([0.9, 0.5, np.nan]), 0.7)
     assert d.tolist() == [KNOWN, NEW, NEW]
-    cal = {"logistic": {"a": 10.0, "b": -7.0}}
-    p = probability(np.array([0.9, 0.7, 0.5]), cal)
+    cal = {"logistic": {"a": 10.0, "b": -7.0}}  # galleries built before reid_ray.decide
+    p = confidence_from_record(cal).predict(np.array([0.9, 0.7, 0.5]))
     assert p[0] > 0.5 and p[1] == pytest.approx(0.5) and p[2] < 0.5
+
+
+def probability(scores, calibration):
+    return confidence_from_record(calibration).predict(scores)
 
 
 def _blobs(n_ids: int, per: int, dim: int = 16, noise: float = 0.05, seed: int = 0):
@@ -175,39 +173,50 @@ def _calibration_pairs(n_queries: int, seed: int = 0):
             "same": list(same),
         }
     )
-    return table, {f"q{i}": f"id{i // 2}" for i in range(n_queries)}
+    identity_of = {f"q{i}": f"id{i // 2}" for i in range(n_queries)}
+    identity_of.update({f"g{i}-same": f"id{i // 2}" for i in range(n_queries)})
+    identity_of.update({f"g{i}-{j}": f"other{i}-{j}" for i in range(n_queries) for j in range(5)})
+    return table, identity_of
 
 
 def test_rerank_decision_is_fitted_on_simulated_known_and_absent_queries():
-    from reid_ray.gallery.reranking import fit_rerank_decision
+    from reid_ray.gallery.reranking import decision_record
 
     table, identity_of = _calibration_pairs(40)
-    threshold, decision = fit_rerank_decision(table, identity_of, seed=0)
+    decision = decision_record(table, sorted(identity_of), identity_of, seed=0)
     # known samples: the top pair (same for 4 in 5 queries); absent: the best other pair
     assert decision["n_known"] == decision["n_unknown"] == 40
-    assert 0.4 < threshold <= 0.6  # between the best negatives and the right top pairs
+    assert 0.4 < decision["threshold"] <= 0.6  # between the best negatives and the right tops
     assert decision["threshold_source"].startswith("simulated open set")
     assert decision["simulated"]["baus"] == pytest.approx(1.0)
-    assert decision["score"] == "top-1 calibrated fused probability"
+    # global and fused scores are equal here: a tie keeps the global score
+    assert decision["gate"] == "global" and set(decision["info"]["gates"]) == {"global", "fused"}
 
 
 def test_rerank_decision_uses_the_held_out_queries_when_enough():
-    from reid_ray.gallery.reranking import fit_rerank_decision
+    from reid_ray.gallery.reranking import decision_record
 
     table, identity_of = _calibration_pairs(40)
     held = {f"q{i}" for i in range(12)}  # 6 individuals: enough (5)
-    _, decision = fit_rerank_decision(table, identity_of, seed=0, heldout_ids=held)
+    decision = decision_record(table, sorted(identity_of), identity_of, 0, held)
     assert decision["n_known"] == decision["n_unknown"] == 12
-    assert "held-out images only" in decision["fitted_on"]
+    assert "held-out images" in decision["fitted_on"]
     few = {f"q{i}" for i in range(8)}  # 4 individuals: all queries, as without held-out ids
-    _, decision = fit_rerank_decision(table, identity_of, seed=0, heldout_ids=few)
-    assert decision["n_known"] == 40 and "held-out" not in decision["fitted_on"]
+    decision = decision_record(table, sorted(identity_of), identity_of, 0, few)
+    assert decision["n_known"] == 40 and "held-out images:" not in decision["fitted_on"]
 
 
-def test_rerank_decision_falls_back_to_one_half_without_absent_samples():
-    from reid_ray.gallery.reranking import fit_rerank_decision
+def test_rerank_decision_without_other_identities_or_samples():
+    from reid_ray.gallery.reranking import decision_record
 
     table, identity_of = _calibration_pairs(10)
     only_same = table.filter(table["same"])
-    threshold, decision = fit_rerank_decision(only_same, identity_of, seed=0)
-    assert threshold == 0.5 and decision["threshold_source"].startswith("0.5")
+    # no other identity listed: the unknown role gets the lowest listed score (an upper
+    # bound), so known and unknown look alike and the record says the decision is chance
+    decision = decision_record(only_same, sorted(identity_of), identity_of, seed=0)
+    assert decision["n_unknown"] == 10 and not decision["separable"]
+    assert decision["auroc"] == pytest.approx(0.5)
+    # nothing to simulate at all: 0.5 on the fused probability, and the record says why
+    decision = decision_record(table.slice(0, 0), sorted(identity_of), identity_of, seed=0)
+    assert decision["threshold"] == 0.5 and decision["threshold_source"].startswith("0.5")
+    assert decision["gate"] == "fused"

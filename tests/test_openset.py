@@ -1,4 +1,4 @@
-"""The known-vs-new decision (reid_ray.evaluation.openset): the simulation leaves whole
+"""The known-vs-new decision (reid_ray.decide): the simulation leaves whole
 identities (and sessions) out, the threshold rules against hand-computed and brute-force
 values, AUROC against scikit-learn, the no-separation flag, and issue 14's failing case:
 a real model trained on the gallery rows, with unknown individuals among the queries."""
@@ -11,18 +11,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reid_ray.errors import ConfigError
-from reid_ray.evaluation.metrics import open_set_metrics, predict_with_threshold
-from reid_ray.evaluation.openset import (
+from reid_ray.decide import (
     DecisionConfig,
     Samples,
     auroc,
     choose_samples,
     fit_decision,
     pairs_from_matrix,
-    plot_decision,
+    predict_with_threshold,
     simulate,
 )
+from reid_ray.decide.plot import plot_decision
+from reid_ray.errors import ConfigError
+from reid_ray.evaluation.metrics import open_set_metrics
 
 
 def _pairs(rows):

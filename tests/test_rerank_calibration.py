@@ -9,9 +9,10 @@ import pyarrow as pa
 import pytest
 
 from reid_ray.data import Manifest
+from reid_ray.decide.calibration import Calibrator, fit_calibrator
 from reid_ray.errors import ConfigError
 from reid_ray.rerank import RerankConfig
-from reid_ray.rerank.fusion import Calibrator, fit_calibrator, fit_fusion, per_query_metrics
+from reid_ray.rerank.fusion import fit_fusion, per_query_metrics
 from reid_ray.rerank.ranking import select_calibration_pairs
 
 # -- calibrators --------------------------------------------------------------------------------

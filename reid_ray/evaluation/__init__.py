@@ -10,10 +10,8 @@ from reid_ray.lazy import lazy_getattr
 _EXPORTS = {
     "cluster_metrics": "metrics",
     "open_set_metrics": "metrics",
-    "predict_with_threshold": "metrics",
     "retrieval_metrics": "metrics",
     "retrieval_metrics_from_similarity": "metrics",
-    "select_threshold_loo": "metrics",
     "evaluate": "protocol",
     "score_ranking": "protocol",
 }

@@ -11,31 +11,17 @@ so a job on an empty split still writes its ``metrics.json``.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from reid_ray.decide.rule import as_1d
 from reid_ray.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 NAN = float("nan")
-
-
-def _as_1d(x: Any, name: str) -> np.ndarray:
-    arr = np.asarray(x, dtype=object) if not isinstance(x, np.ndarray) else x
-    if arr.ndim != 1:
-        raise ConfigError(f"{name} must be one-dimensional, got shape {arr.shape}")
-    return arr
-
-
-def _as_float_1d(x: Any, name: str) -> np.ndarray:
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim != 1:
-        raise ConfigError(f"{name} must be one-dimensional, got shape {arr.shape}")
-    return arr
 
 
 def _ragged_matches(query_identities: np.ndarray, ranked: Any) -> np.ndarray:
@@ -87,7 +73,7 @@ def retrieval_metrics(
     ks = [int(k) for k in ks]
     if any(k < 1 for k in ks):
         raise ConfigError(f"ks must be positive, got {ks}")
-    queries = _as_1d(query_identities, "query_identities")
+    queries = as_1d(query_identities, "query_identities")
     n_rel = np.asarray(n_relevant)
     if n_rel.shape != (len(queries),):
         raise ConfigError(f"n_relevant must have shape ({len(queries)},), got {n_rel.shape}")
@@ -133,8 +119,8 @@ def retrieval_metrics_from_similarity(
     ``query_ids``/``gallery_ids`` are identities. The whole gallery is ranked (ties keep
     gallery order), so mAP is exact.
     """
-    queries = _as_1d(query_ids, "query_ids")
-    gallery = _as_1d(gallery_ids, "gallery_ids")
+    queries = as_1d(query_ids, "query_ids")
+    gallery = as_1d(gallery_ids, "gallery_ids")
     sim = np.asarray(sim, dtype=np.float64)
     if sim.shape != (len(queries), len(gallery)):
         raise ConfigError(f"sim must have shape ({len(queries)}, {len(gallery)}), got {sim.shape}")
@@ -182,8 +168,8 @@ def open_set_metrics(
     Returns ``{"baks", "baus", "n_known", "n_unknown"}`` (query counts); a metric with no
     queries of its kind is nan, as in wildlife-datasets.
     """
-    true = _as_1d(true_identities, "true_identities")
-    pred = _as_1d(predicted_identities, "predicted_identities")
+    true = as_1d(true_identities, "true_identities")
+    pred = as_1d(predicted_identities, "predicted_identities")
     if true.shape != pred.shape:
         raise ConfigError(
             f"true_identities and predicted_identities differ in length: {len(true)} vs {len(pred)}"
@@ -201,206 +187,6 @@ def open_set_metrics(
     }
 
 
-def predict_with_threshold(
-    top_scores: Sequence[float] | np.ndarray,
-    top_identities: Sequence[Any] | np.ndarray,
-    threshold: float,
-    new_label: Any = "new",
-) -> np.ndarray:
-    """Open-set decision: the top candidate's identity when its score >= ``threshold``,
-    else ``new_label``. A nan score or a ``None``/nan identity (no candidate) gives
-    ``new_label``.
-
-    Returns an object array [Q].
-    """
-    if threshold is None or not math.isfinite(float(threshold)):
-        raise ConfigError(
-            f"threshold must be a finite number, got {threshold!r} (a threshold selected on a "
-            "gallery with no individual seen twice is nan)"
-        )
-    scores = _as_float_1d(top_scores, "top_scores")
-    identities = _as_1d(top_identities, "top_identities")
-    if scores.shape != identities.shape:
-        raise ConfigError(
-            f"top_scores and top_identities differ in length: {len(scores)} vs {len(identities)}"
-        )
-    out = np.empty(len(scores), dtype=object)
-    accept = np.nan_to_num(scores, nan=-np.inf) >= float(threshold)
-    for i, (ok, identity) in enumerate(zip(accept, identities, strict=True)):
-        missing = identity is None or (isinstance(identity, float) and math.isnan(identity))
-        out[i] = identity if ok and not missing else new_label
-    return out
-
-
-def select_threshold_loo(
-    neighbor_scores: np.ndarray,
-    neighbor_identities: np.ndarray,
-    gallery_identities: Sequence[Any] | np.ndarray,
-) -> tuple[float, dict[str, Any]]:
-    """Choose the open-set threshold from the gallery alone, leave-one-out; queries unseen.
-
-    Args:
-        neighbor_scores: [G, K] each gallery item's scores against its K best neighbours
-            among the *other* gallery items (self excluded), higher = closer; non-finite
-            entries are padding.
-        neighbor_identities: [G, K] the identities of those neighbours.
-        gallery_identities: [G] each gallery item's identity.
-
-    Every gallery item plays a query twice. As a *known* sample (only items whose identity
-    has >= 2 gallery images, so a match remains): its top neighbour's score, right when
-    that neighbour has its identity. As an *unknown* sample (as if its individual were
-    absent from the gallery): its best score against a different identity; when all K
-    listed neighbours share its identity, the lowest listed score is used (an upper
-    bound, i.e. the pessimistic choice). With the rule of :func:`predict_with_threshold`,
-    the simulated BAKS falls and BAUS rises with the threshold; we take the threshold
-    maximising their mean, the balanced open-set accuracy that metrics.json reports.
-    Why: the threshold must be fixed before the queries are seen (the nightly job has no
-    labels) and the gallery is the only labelled data at hand; leave-one-out reuses it
-    without holding individuals out. Both metrics are step functions changing only at
-    the simulated scores, so every candidate is scored in one pass (sorting + cumulative
-    sums). The chosen value is the midpoint between the two scores that bound the best
-    step (ties: the middle best step, the lower of two), so it sits in the gap between
-    separated groups.
-
-    Returns ``(threshold, info)``; info holds the simulated ``baks``, ``baus``,
-    ``objective`` (their mean), ``n_known``, ``n_unknown`` (simulated samples) and
-    ``n_candidates``. With no simulated known or no unknown sample (e.g. an empty gallery
-    or no individual seen twice) the threshold is nan and ``info["reason"]`` says why.
-    """
-    scores = np.asarray(neighbor_scores, dtype=np.float64)
-    ids = np.asarray(neighbor_identities, dtype=object)
-    gallery = _as_1d(gallery_identities, "gallery_identities")
-    n = len(gallery)
-    if scores.ndim != 2 or scores.shape[0] != n:
-        raise ConfigError(f"neighbor_scores must have shape ({n}, K), got {scores.shape}")
-    if ids.shape != scores.shape:
-        raise ConfigError(
-            f"neighbor_identities must have the shape of neighbor_scores {scores.shape}, "
-            f"got {ids.shape}"
-        )
-    info: dict[str, Any] = {
-        "baks": NAN, "baus": NAN, "objective": NAN, "n_known": 0, "n_unknown": 0,
-        "n_candidates": 0,
-    }  # fmt: skip
-
-    valid = np.isfinite(scores)
-    masked = np.where(valid, scores, -np.inf)
-    gallery_str = gallery.astype(str)
-    _, gid, counts = np.unique(gallery_str, return_inverse=True, return_counts=True)
-    has_any = valid.any(axis=1) if scores.shape[1] else np.zeros(n, dtype=bool)
-
-    # simulated known samples: the top neighbour
-    known = (counts[gid] >= 2) & has_any
-    top = masked.argmax(axis=1) if scores.shape[1] else np.zeros(n, dtype=np.int64)
-    rows = np.arange(n)
-    known_score = masked[rows, top] if scores.shape[1] else np.full(n, -np.inf)
-    top_ids = ids[rows, top] if scores.shape[1] else np.full(n, None, dtype=object)
-    known_right = np.array(
-        [t is not None and t == g for t, g in zip(top_ids.tolist(), gallery.tolist(), strict=True)],
-        dtype=bool,
-    )
-
-    # simulated unknown samples: the best neighbour of another identity
-    same = ids == gallery[:, None] if scores.shape[1] else np.zeros((n, 0), dtype=bool)
-    other_best = np.where(same, -np.inf, masked).max(axis=1, initial=-np.inf)
-    lowest_listed = np.where(valid, scores, np.inf).min(axis=1, initial=np.inf)
-    unknown_score = np.where(np.isfinite(other_best), other_best, lowest_listed)
-    unknown = has_any
-
-    info["n_known"], info["n_unknown"] = int(known.sum()), int(unknown.sum())
-    if not known.any() or not unknown.any():
-        if n == 0:
-            info["reason"] = "empty gallery"
-        elif not unknown.any():
-            info["reason"] = "no gallery item has a neighbour"
-        else:
-            info["reason"] = "no individual with >= 2 gallery images: no known sample to simulate"
-        logger.warning("select_threshold_loo: no threshold selected (%s)", info["reason"])
-        return NAN, info
-
-    curve = balanced_threshold_curve(
-        known_score[known], known_right[known], gallery_str[known],
-        unknown_score[unknown], gallery_str[unknown],
-    )  # fmt: skip
-    j = best_balanced_index(curve)
-    info.update(
-        baks=float(curve["baks"][j]),
-        baus=float(curve["baus"][j]),
-        objective=float((curve["baks"][j] + curve["baus"][j]) / 2.0),
-        n_candidates=len(curve["cut"]),
-    )
-    return threshold_at(curve, j), info
-
-
-def _balanced_weights(groups: np.ndarray) -> np.ndarray:
-    """Per-sample weights summing to 1 that give every group (identity) the same total."""
-    if len(groups) == 0:
-        return np.zeros(0, dtype=np.float64)
-    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    return 1.0 / (len(counts) * counts[inverse].astype(np.float64))
-
-
-def balanced_threshold_curve(
-    known_scores: np.ndarray,
-    known_right: np.ndarray,
-    known_groups: np.ndarray,
-    unknown_scores: np.ndarray,
-    unknown_groups: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """Open-set accuracies of every distinct threshold, in one pass (sort + cumulative sums).
-
-    A sample is accepted as known when its score >= the threshold
-    (:func:`predict_with_threshold`). Known samples are right when accepted with the right
-    top-1 identity; unknown samples when rejected. Rates are balanced per group (identity),
-    as BAKS/BAUS are. Returns arrays over the candidate cuts: ``cut`` (the distinct scores,
-    then ``inf`` which accepts nothing), ``values`` (the distinct scores), ``baks``,
-    ``baus``, ``false_new`` (balanced share of known samples rejected) and ``false_known``
-    (share of unknown samples accepted, ``1 - baus``).
-    """
-    ks = np.asarray(known_scores, dtype=np.float64)
-    kr = np.asarray(known_right, dtype=bool)
-    us = np.asarray(unknown_scores, dtype=np.float64)
-    kw = _balanced_weights(np.asarray(known_groups).astype(str))
-    uw = _balanced_weights(np.asarray(unknown_groups).astype(str))
-    values = np.unique(np.concatenate([ks, us]))
-    cut = np.concatenate([values, [np.inf]])
-
-    def below(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Total weight of the samples scoring below each cut."""
-        order = np.argsort(scores, kind="stable")
-        cum = np.concatenate([[0.0], np.cumsum(weights[order])])
-        return cum[np.searchsorted(scores[order], cut, side="left")]
-
-    # clipped: cumulative sums of many small weights drift by ~1e-12
-    right_w = np.where(kr, kw, 0.0)
-    baks = np.clip(right_w.sum() - below(ks, right_w), 0.0, 1.0)
-    false_new = np.clip(below(ks, kw), 0.0, 1.0)
-    baus = np.clip(below(us, uw), 0.0, 1.0)
-    return {
-        "cut": cut, "values": values, "baks": baks, "baus": baus,
-        "false_new": false_new, "false_known": 1.0 - baus,
-    }  # fmt: skip
-
-
-def best_balanced_index(curve: dict[str, np.ndarray]) -> int:
-    """The cut maximising (BAKS + BAUS) / 2; ties: the middle best cut (the lower of two),
-    so the threshold sits in the gap between separated groups."""
-    objective = (curve["baks"] + curve["baus"]) / 2.0
-    best = np.flatnonzero(objective >= objective.max() - 1e-9)
-    return int(best[(len(best) - 1) // 2])
-
-
-def threshold_at(curve: dict[str, np.ndarray], j: int) -> float:
-    """A threshold that accepts exactly what cut ``j`` accepts: the midpoint between the two
-    scores that bound it (the lowest score for cut 0, just above the highest for the last)."""
-    values = curve["values"]
-    if j == 0:
-        return float(values[0])
-    if j == len(values):
-        return float(np.nextafter(values[-1], np.inf))
-    return float((values[j - 1] + values[j]) / 2.0)
-
-
 # --------------------------------------------------------------------------------------
 # clustering
 
@@ -408,7 +194,7 @@ def threshold_at(curve: dict[str, np.ndarray], j: int) -> float:
 def _codes(labels: Any, name: str) -> np.ndarray:
     import pandas as pd
 
-    arr = _as_1d(labels, name)
+    arr = as_1d(labels, name)
     codes, _ = pd.factorize(pd.Series(arr, dtype=object), use_na_sentinel=True)
     if (codes < 0).any():
         raise ConfigError(f"{name} contains null labels")
@@ -432,7 +218,7 @@ def cluster_metrics(
     nan, ``n_clusters`` 0.
     """
     true = _codes(true_labels, "true_labels")
-    pred_arr = _as_1d(pred_labels, "pred_labels")
+    pred_arr = as_1d(pred_labels, "pred_labels")
     if len(true) != len(pred_arr):
         raise ConfigError(
             f"true_labels and pred_labels differ in length: {len(true)} vs {len(pred_arr)}"

@@ -13,12 +13,12 @@ searches every query (top ``k``, default 100) and writes:
   model and timings;
 - ``OUT/open_set.png``: BAKS/BAUS against the threshold, simulated and observed.
 
-The known-vs-new decision is fitted without looking at the queries
-(:mod:`reid_ray.evaluation.openset`): the gallery plays queries with their own image or
-their whole identity (and session, with a ``date`` column) left out, on the images the
-model never trained on when the checkpoint records them. With re-ranking the same decision
-is fitted on the calibrated probability of the re-ranking's calibration pairs, each
-calibration query once with and once without its own identity.
+The known-vs-new decision is fitted without looking at the queries (:mod:`reid_ray.decide`):
+the gallery plays queries with their own image or their whole identity (and session, with
+a ``date`` column) left out, on the images the model never trained on when the checkpoint
+records them. With re-ranking the decision is fitted on the re-ranking's calibration pairs,
+on the global cosine and on the calibrated fused probability, and the better of the two on
+that simulation decides (``metrics.json`` records which: ``open_set.gate``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,18 @@ import numpy as np
 import pyarrow as pa
 
 from reid_ray import io as rio
+from reid_ray.decide import (
+    GLOBAL_SCORE,
+    DecisionConfig,
+    auroc,
+    balanced_threshold_curve,
+    choose_samples,
+    fit_decision,
+    fit_reranked_decision,
+    pairs_from_matrix,
+    predict_with_threshold,
+)
+from reid_ray.decide.plot import plot_decision
 from reid_ray.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -60,19 +72,18 @@ def score_ranking(
     *,
     unknown_ids: set[str],
     threshold: float | None,
+    gate_top: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Retrieval metrics of the ``query`` rows and, when there are ``query_unknown`` rows
     and a finite threshold, BAKS/BAUS of all queries. Pure; used for the global ranking
     and for a re-ranked one.
 
     ``scores``/``cand_ids``: [Q, K] best first (``-inf``/``None`` pads); ``identity_of``
-    maps image ids to identities; ``gallery_identities``: identity of every indexed item.
+    maps image ids to identities; ``gallery_identities``: identity of every indexed item;
+    ``gate_top``: [Q] the scores the threshold applies to (default: the top-1 of
+    ``scores``), e.g. the global cosine under a re-ranked order.
     """
-    from reid_ray.evaluation.metrics import (
-        open_set_metrics,
-        predict_with_threshold,
-        retrieval_metrics,
-    )
+    from reid_ray.evaluation.metrics import open_set_metrics, retrieval_metrics
 
     qids = np.asarray(query_ids, dtype=object)
     true = identities_of_ids(qids, identity_of)
@@ -87,7 +98,7 @@ def score_ranking(
         if threshold is None or not np.isfinite(threshold):
             out.update(baks=None, baus=None)
         else:
-            top_scores = scores[:, 0] if scores.shape[1] else np.full(len(qids), -np.inf)
+            top_scores = _top_scores(scores) if gate_top is None else gate_top
             top_ids = ranked[:, 0] if ranked.shape[1] else np.full(len(qids), None, dtype=object)
             predicted = predict_with_threshold(top_scores, top_ids, float(threshold))
             open_set = open_set_metrics(true, predicted, set(count_of))
@@ -113,10 +124,17 @@ def _write_candidates(folder: str, query_ids, scores, cand_ids) -> int:
     return n
 
 
-def _top1(query_ids, scores, cand, identity_of, unknown_ids):
-    """Top-1 score, whether it is right, and the true identity, split known / unknown."""
+def _top_scores(scores: np.ndarray) -> np.ndarray:
+    """[Q] the top-1 of [Q, K] scores (-inf without candidates)."""
+    if scores.shape[1]:
+        return scores[:, 0].astype(np.float64)
+    return np.full(scores.shape[0], -np.inf)
+
+
+def _top1(query_ids, scores, cand, identity_of, unknown_ids, gate_top=None):
+    """Gate score, whether the top-1 is right, and the true identity, split known/unknown."""
     true = identities_of_ids(np.asarray(query_ids, dtype=object), identity_of)
-    top_score = scores[:, 0].astype(np.float64) if scores.shape[1] else np.full(len(true), -np.inf)
+    top_score = _top_scores(scores) if gate_top is None else np.asarray(gate_top, np.float64)
     top_id = (
         identities_of_ids(cand[:, 0], identity_of) if cand.shape[1] else np.full(len(true), None)
     )
@@ -126,14 +144,14 @@ def _top1(query_ids, scores, cand, identity_of, unknown_ids):
 
 
 def _open_set(
-    decision, query_ids, scores, cand, identity_of, unknown_ids, plot_path: str, title: str
-) -> dict[str, Any]:
+    decision, query_ids, scores, cand, identity_of, unknown_ids, plot_path: str, title: str,
+    gate_top=None,
+) -> dict[str, Any]:  # fmt: skip
     """The decision's record, the observed known-vs-unknown AUROC of the queries (threshold
     free) and the BAKS/BAUS-against-threshold plot (simulated and observed curves)."""
-    from reid_ray.evaluation.metrics import balanced_threshold_curve
-    from reid_ray.evaluation.openset import auroc, plot_decision
-
-    top_score, right, true, unknown = _top1(query_ids, scores, cand, identity_of, unknown_ids)
+    top_score, right, true, unknown = _top1(
+        query_ids, scores, cand, identity_of, unknown_ids, gate_top
+    )
     observed = None
     if unknown.any() and (~unknown).any():
         observed = balanced_threshold_curve(
@@ -196,12 +214,6 @@ def evaluate(
     from reid_ray.data.manifest import Manifest
     from reid_ray.embed import EmbedConfig, read_embeddings
     from reid_ray.embed.pipeline import embed_manifest
-    from reid_ray.evaluation.openset import (
-        DecisionConfig,
-        choose_samples,
-        fit_decision,
-        pairs_from_matrix,
-    )
     from reid_ray.index import DEFAULT_EXACT_THRESHOLD, build_index, search
 
     if k < 1:
@@ -316,18 +328,19 @@ def evaluate(
         heldout_ids=heldout_ids,
         cfg=decision_cfg,
     )
-    decided = fit_decision(samples, decision_cfg, score="cosine similarity of the top-1")
+    decided = fit_decision(samples, decision_cfg, score=GLOBAL_SCORE)
     unknown_ids = set(emb.ids[u_rows].tolist())
 
-    def scored(s, c, dec, plot_name: str, title: str) -> dict[str, Any]:
+    def scored(s, c, dec, plot_name: str, title: str, gate_top=None) -> dict[str, Any]:
         m = score_ranking(
             query_ids, s, c, identity_of, gallery_identities,
-            unknown_ids=unknown_ids, threshold=dec.threshold,
+            unknown_ids=unknown_ids, threshold=dec.threshold, gate_top=gate_top,
         )  # fmt: skip
         if unknown_ids:
             m["threshold"] = dec.threshold
+            m["decision_score"] = dec.gate
             m.update(_open_set(dec, query_ids, s, c, identity_of, unknown_ids,
-                               rio.join(out, plot_name), title))  # fmt: skip
+                               rio.join(out, plot_name), title, gate_top))  # fmt: skip
         return m
 
     global_metrics = scored(scores, cand, decided, "open_set.png", f"{model_ref}: global score")
@@ -337,6 +350,7 @@ def evaluate(
         metrics, rerank_info = _rerank(
             out, rerank_cfg, selected, query_ids, k_eff, gallery_list, identity_of,
             session_of, heldout_ids, decision_cfg, scored, rerank_progress, overwrite,
+            _top_scores(scores),
         )  # fmt: skip
         metrics["global"] = global_metrics
 
@@ -407,12 +421,12 @@ def _config_dict(cfg) -> dict[str, Any]:
 
 def _rerank(
     out, cfg, manifest, query_ids, k_eff, gallery_ids, identity_of, session_of, heldout_ids,
-    decision_cfg, scored, progress, overwrite,
+    decision_cfg, scored, progress, overwrite, global_top,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Re-rank the query candidates (calibrated on the gallery's leave-one-out candidates)
-    and score them; the known-vs-new decision is refitted on the calibrated probability of
-    the calibration pairs."""
-    from reid_ray.evaluation.openset import choose_samples, fit_decision
+    and score them; the known-vs-new decision is refitted on the calibration pairs, and
+    the global cosine (``global_top``) or the fused probability decides, whichever the
+    simulation prefers."""
     from reid_ray.index.candidates import candidates_to_matrix, read_candidates
     from reid_ray.rerank import rerank_candidates
 
@@ -440,15 +454,14 @@ def _rerank(
     calib = result.calibration.to_pandas() if result.calibration is not None else None
     if calib is None or calib.empty:
         raise ConfigError("re-ranking returned no calibration pairs: no known-vs-new decision")
-    pairs = calib[["query_id", "gallery_id"]].assign(score=calib["probability"].astype(float))
-    samples = choose_samples(
-        pairs, gallery_ids, identity_of, session_of=session_of, heldout_ids=heldout_ids,
-        cfg=decision_cfg,
+    decided = fit_reranked_decision(
+        calib, gallery_ids, identity_of, session_of=session_of, heldout_ids=heldout_ids,
+        cfg=decision_cfg, fixed_threshold=cfg.threshold,
     )  # fmt: skip
-    samples.fitted_on = f"re-ranking calibration pairs; {samples.fitted_on}"
-    decided = fit_decision(samples, decision_cfg, score="calibrated P(same) of the top-1")
+    gate_top = global_top if decided.gate == "global" else None
     metrics = scored(r_scores, r_ids, decided, "open_set_rerank.png",
-                     f"re-ranked ({cfg.extractor} + {cfg.matcher})")  # fmt: skip
+                     f"re-ranked ({cfg.extractor} + {cfg.matcher}), decided by the "
+                     f"{decided.gate} score", gate_top)  # fmt: skip
     info = {
         "seconds": time.perf_counter() - t,
         "ranking": "fused score; score = calibrated P(same individual)",

@@ -2,7 +2,8 @@
 
 The images are embedded once (``GALLERY/build/embed``, resumable), then written as the
 gallery's first part with their identities, indexed, and calibrated (see ``store.py`` for
-the layout and ``decide.py`` for the calibration). Rows without an identity go to
+the layout; the known-vs-new decision is ``reid_ray.decide``'s, fitted by
+:func:`fit_gallery_decision`). Rows without an identity go to
 ``GALLERY/build/errors`` with their reason, like unreadable images.
 """
 
@@ -13,12 +14,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from reid_ray import io as rio
 from reid_ray import parts as rparts
-from reid_ray.errors import OutputError
+from reid_ray.decide import (
+    DecisionConfig,
+    choose_samples,
+    fit_confidence,
+    fit_decision,
+    pairs_from_matrix,
+)
+from reid_ray.errors import ConfigError, OutputError
 from reid_ray.gallery.config import NightlyConfig
 from reid_ray.gallery.store import (
     by_image_id,
@@ -34,19 +43,70 @@ logger = logging.getLogger(__name__)
 def calibrator(cfg: NightlyConfig, model_ref: str) -> Callable:
     """The ``calibrate`` callable of :func:`~reid_ray.gallery.store.write_version`; a
     checkpoint's held-out images (never trained on) are the simulation's queries."""
-    from reid_ray.gallery.decide import fit_calibration
     from reid_ray.models import read_heldout_ids
 
     c = cfg.calibration
     heldout = read_heldout_ids(model_ref)
 
     def calibrate(ids, identities, matrix, index) -> dict[str, Any]:
-        return fit_calibration(
+        return fit_gallery_decision(
             ids, identities, matrix, index, k=c.k, max_queries=c.max_queries, seed=c.seed,
             heldout_ids=heldout,
         )  # fmt: skip
 
     return calibrate
+
+
+def fit_gallery_decision(
+    ids: np.ndarray,
+    identities: np.ndarray,
+    matrix: np.ndarray,
+    index,
+    *,
+    k: int = 50,
+    max_queries: int = 5000,
+    seed: int = 0,
+    heldout_ids=None,
+) -> dict[str, Any]:
+    """The gallery's known-vs-new decision (``reid_ray.decide``): its leave-identity-out
+    simulation on at most ``max_queries`` gallery images, each searched against the rest
+    (held-out images, never trained on, drawn first and, when enough, the only samples),
+    plus the reviewers' confidence calibrator fitted on the same samples. Returns the
+    decision record stored as the version's ``calibration.json``."""
+    from reid_ray.index import search
+    from reid_ray.rerank.ranking import draw_preferred
+
+    n = len(ids)
+    if n < 3:
+        raise ConfigError(f"a gallery needs at least 3 images to calibrate, got {n}")
+    sample = np.arange(n)
+    if n > max_queries:
+        sample = draw_preferred(sample, max_queries, np.isin(ids, list(heldout_ids or ())), seed)
+    scores, nbr = search(
+        index, matrix[sample], min(k, n - 1), query_ids=ids[sample], exclude_self=True
+    )
+    cfg = DecisionConfig(seed=seed, max_samples=max(2, max_queries))
+    samples = choose_samples(
+        pairs_from_matrix(ids[sample], scores, nbr),
+        ids.tolist(),
+        dict(zip(ids.tolist(), identities.tolist(), strict=True)),
+        heldout_ids=heldout_ids,
+        cfg=cfg,
+    )
+    decision = fit_decision(samples, cfg)
+    if not np.isfinite(decision.threshold):
+        raise ConfigError(
+            "cannot calibrate the known-vs-new decision: the gallery needs individuals with "
+            f"at least two images and at least two individuals ({decision.message})"
+        )
+    return {
+        **decision.to_dict(),
+        "threshold": float(decision.threshold),
+        "confidence": fit_confidence(samples, decision).to_dict(),
+        "k": int(k),
+        "max_queries": int(max_queries),
+        "seed": int(seed),
+    }
 
 
 def build_gallery(

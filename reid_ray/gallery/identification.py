@@ -3,9 +3,10 @@
 Stages (each timed in the run report): embed only what is new (images already in the
 gallery are skipped, and the embed stage resumes after a kill), search the gallery on an
 actor pool, optionally re-rank the candidates by local features (``rerank.enabled``, see
-``reranking.py``), decide known vs new with the gallery's calibrated threshold (on the top
-cosine, or on the top fused probability when re-ranked), group the new images into
-provisional individuals, write the outputs::
+``reranking.py``), decide known vs new with ``reid_ray.decide`` (the gallery's threshold on
+the top cosine or, when re-ranked, on whichever of the best cosine and the top fused
+probability the gallery's simulation chose), group the new images into provisional
+individuals, write the outputs::
 
     OUT/embed/                  the embed output (embeddings/, errors/, manifest.json)
     OUT/rerank/                 the re-ranking output (scores/, fusion.json), when enabled
@@ -36,9 +37,10 @@ import pyarrow as pa
 from reid_ray import io as rio
 from reid_ray import parts as rparts
 from reid_ray.data.manifest import BBOX_TYPE
+from reid_ray.decide import KNOWN, NEW, confidence_from_record, known_or_new
 from reid_ray.errors import ConfigError, OutputError
 from reid_ray.gallery.config import NightlyConfig
-from reid_ray.gallery.decide import KNOWN, NEW, decide, evaluate_decisions, group_new, probability
+from reid_ray.gallery.provisional import evaluate_decisions, group_new
 from reid_ray.gallery.store import (
     GalleryVersion,
     by_image_id,
@@ -260,16 +262,17 @@ def identify(
     ids = cands.column("image_id").to_pylist()
     cand_ids = cands.column("cand_identities").to_pylist()
     cand_scores = cands.column("cand_scores").to_pylist()
-    top = np.array([s[0] if s else np.nan for s in cand_scores], dtype=np.float64)
+    # the best global cosine (re-ranking may have moved it from the first place)
+    top = np.array([max(s) if s else np.nan for s in cand_scores], dtype=np.float64)
     if reranked is not None:
         probs = cands.column("cand_probabilities").to_pylist()
         top_prob = np.array([p[0] if p else np.nan for p in probs], dtype=np.float64)
-        decisions = decide(top_prob, reranked.threshold)
+        gated = top_prob if reranked.gate == "fused" else top
+        decisions = known_or_new(gated, reranked.threshold)
     else:
-        probs = [
-            probability(np.asarray(s, dtype=np.float64), calibration).tolist() for s in cand_scores
-        ]
-        decisions = decide(top, threshold)
+        confidence = confidence_from_record(calibration)
+        probs = [confidence.predict(np.asarray(s, dtype=np.float64)).tolist() for s in cand_scores]
+        decisions = known_or_new(top, threshold)
     predicted = [
         c[0] if c and d == KNOWN else None for c, d in zip(cand_ids, decisions, strict=True)
     ]
@@ -363,6 +366,7 @@ def identify(
         "threshold": threshold,
         "decision": {
             "score": reranked.report["decision_score"] if reranked else "top-1 cosine",
+            "gate": reranked.gate if reranked else "global",
             "threshold": reranked.threshold if reranked else threshold,
         },
         "counts": counts,

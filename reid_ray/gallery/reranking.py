@@ -1,8 +1,9 @@
 """Local-feature re-ranking inside ``identify``, through ``reid_ray.rerank.rerank_candidates``.
 
 Each night image's candidates (its best gallery image per candidate identity, from the
-search) are scored by local features and re-ordered by the calibrated fusion; the fused
-probability of the top candidate then decides known vs new.
+search) are scored by local features and re-ordered by the calibrated fusion; then
+``reid_ray.decide`` decides known vs new on the best global cosine or on the top fused
+probability, whichever its simulation on the gallery's calibration queries prefers.
 
 The fusion is fitted once per gallery version and re-ranking settings, and stored with the
 version (``G/versions/vNNNN/rerank/<key>.json``): calibration queries are a seeded sample of
@@ -14,17 +15,16 @@ the same version reuse the stored fusion, so a rerun decides the same way.
 Local features are cached in the gallery's ``features_cache`` (each image extracted once,
 across nights) unless the rerank config names a ``cache_dir``.
 
-The known-vs-new threshold on the top-1 fused probability (unless the rerank config sets
-``threshold``) is fitted like the gallery's cosine threshold (``decide.py``): each
-calibration query is a *known* sample (its top candidate after fusion, right when it has
-the query's identity) and an *unknown* sample (its best other-identity candidate: its own
-identity removed), and ``reid_ray.evaluation.openset.fit_decision`` picks the threshold of
-best balanced accuracy. Why not 0.5: the probability is calibrated on gallery pairs, about
-one "same" in ten, so 0.5 is the pair-level rule under that prior, not under a night's mix
-of known and new animals; the simulation asks the night's question, with and without
-re-ranking alike, and balanced accuracy does not depend on the share of new animals. The
-calibration pairs' probabilities are in-sample for the fusion (somewhat optimistic for both
-kinds of sample); 0.5 is the fallback when the simulation has no sample of one kind.
+The known-vs-new threshold (unless the rerank config sets ``threshold`` on the fused
+probability) is fitted by ``reid_ray.decide.fit_reranked_decision`` on the calibration
+pairs, as evaluate fits it: each calibration query is a *known* sample (its top candidate
+after fusion, right when it has the query's identity) and an *unknown* sample (its own
+identity removed), the threshold of best balanced accuracy. Why not 0.5: the probability is
+calibrated on gallery pairs, about one "same" in ten, so 0.5 is the pair-level rule under
+that prior, not under a night's mix of known and new animals. The calibration pairs'
+probabilities are in-sample for the fusion (somewhat optimistic), which is one reason the
+global cosine may decide better; 0.5 on the fused probability is the fallback when the
+simulation has no sample of one kind.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from reid_ray.gallery.store import GalleryVersion, read_table
 logger = logging.getLogger(__name__)
 
 STORED_FORMAT = "reid-ray-nightly-rerank/1"
-DECISION_SCORE = "top-1 calibrated fused probability"
 # fields of RerankConfig that change resources, not scores: left out of the stored key
 _RESOURCE_FIELDS = (
     "top_k",
@@ -65,13 +64,15 @@ _RESOURCE_FIELDS = (
 class NightRerank:
     """What re-ranking gives ``identify``: ``candidates`` (one row per searched image, same
     order: the candidate lists re-ordered, with ``cand_local_scores``, ``cand_fused_scores``
-    and ``cand_probabilities``), the decision ``threshold`` on the top probability, the
+    and ``cand_probabilities``), the decision ``threshold`` and the score it applies to
+    (``gate``: ``global``, the best cosine, or ``fused``, the top probability), the
     ``errors`` (image_id, path, stage, reason) and a ``report`` block."""
 
     candidates: pa.Table
     threshold: float
     errors: pa.Table
     report: dict[str, Any] = field(default_factory=dict)
+    gate: str = "fused"
 
 
 def rerank_settings(section) -> Any:
@@ -156,44 +157,26 @@ def calibration_candidates(
     return get_result(task.remote(version.root, version.name, n, k, seed, heldout))
 
 
-def fit_rerank_decision(
-    calibration: pa.Table, identity_of: dict[str, str], seed: int, heldout_ids=None
-):
-    """The known-vs-new decision on the top-1 fused probability, fitted on the scored
-    calibration pairs (see the module docstring), on the held-out queries alone when they
-    span enough individuals; returns ``(threshold, decision dict)``."""
-    from reid_ray.evaluation.openset import DecisionConfig, Samples, fit_decision
+def decision_record(
+    calibration: pa.Table, gallery_ids, identity_of: dict[str, str], seed: int, heldout_ids=None
+) -> dict[str, Any]:
+    """The known-vs-new decision of a gallery version with re-ranking on
+    (``reid_ray.decide.fit_reranked_decision`` on the scored calibration pairs), as the
+    JSON record stored beside the fusion; a fit without samples of both kinds falls back
+    to 0.5 on the fused probability and says so."""
+    from reid_ray.decide import DecisionConfig, fit_reranked_decision
 
-    cfg = DecisionConfig(seed=seed)
-    df = calibration.to_pandas()
-    df["identity"] = df["query_id"].map(identity_of)
-    fitted_on = "re-ranked leave-one-out calibration queries of the gallery"
-    held = df["query_id"].isin(set(heldout_ids or ()))
-    if df.loc[held, "identity"].nunique() >= cfg.min_heldout_identities:
-        df = df[held]
-        fitted_on += ", held-out images only (the model never trained on them)"
-    df = df.sort_values(["query_id", "fused_score", "global_score"],
-                        ascending=[True, False, False])  # fmt: skip
-    top = df.groupby("query_id", sort=True).head(1)
-    other = df[~df["same"]].groupby("query_id", sort=True).head(1)
-    samples = Samples(
-        known_scores=top["probability"].to_numpy(np.float64),
-        known_right=top["same"].to_numpy(bool),
-        known_groups=top["identity"].astype(str).to_numpy(),
-        unknown_scores=other["probability"].to_numpy(np.float64),
-        unknown_groups=other["identity"].astype(str).to_numpy(),
-        fitted_on=fitted_on,
-    )
-    decision = fit_decision(samples, cfg, score=DECISION_SCORE)
+    decision = fit_reranked_decision(
+        calibration.to_pandas(), gallery_ids, identity_of, heldout_ids=heldout_ids,
+        cfg=DecisionConfig(seed=seed),
+    )  # fmt: skip
     out = decision.to_dict()
-    threshold = float(decision.threshold)
-    if np.isfinite(threshold):
-        out["threshold_source"] = "simulated open set, balanced accuracy"
+    if np.isfinite(decision.threshold):
+        out["threshold_source"] = f"simulated open set, balanced accuracy, {decision.gate} score"
     else:
-        threshold = 0.5
-        out["threshold_source"] = "0.5: the simulation has no sample of one kind"
-    out["threshold"] = threshold
-    return threshold, json.loads(json.dumps(out, default=_plain))
+        out.update(threshold=0.5, gate="fused")
+        out["threshold_source"] = "0.5 on the fused probability: the simulation has no sample"
+    return json.loads(json.dumps(out, default=_plain))
 
 
 def _plain(obj: Any) -> Any:
@@ -287,8 +270,9 @@ def rerank_night(
         progress=progress,
     )  # fmt: skip
     if stored is None:
-        _, decision = fit_rerank_decision(
-            result.calibration, manifest.identity_of(), rcfg.seed, heldout_ids=heldout
+        gallery_ids = read_table(version, ["image_id"])["image_id"].to_pylist()
+        decision = decision_record(
+            result.calibration, gallery_ids, manifest.identity_of(), rcfg.seed, heldout
         )
         stored = {
             "format": STORED_FORMAT,
@@ -306,8 +290,10 @@ def rerank_night(
         source = "stored with the gallery version"
     threshold = float(stored["decision"]["threshold"])
     threshold_source = stored["decision"]["threshold_source"]
+    gate = stored["decision"].get("gate", "fused")  # versions stored before the choice: fused
     if rcfg.threshold is not None:
-        threshold, threshold_source = float(rcfg.threshold), "the rerank config's threshold"
+        threshold, gate = float(rcfg.threshold), "fused"
+        threshold_source = "the rerank config's threshold, on the fused probability"
 
     ranked = result.ranked.to_pandas().merge(
         long[["query_id", "gallery_id", "identity"]], on=["query_id", "gallery_id"], how="left"
@@ -350,7 +336,11 @@ def rerank_night(
         "enabled": True,
         "extractor": rcfg.extractor,
         "matcher": rcfg.matcher,
-        "decision_score": DECISION_SCORE,
+        "decision_score": (
+            "top-1 calibrated fused probability" if gate == "fused" else "best global cosine"
+        ),
+        "decision_gate": gate,
+        "gate_reason": stored["decision"].get("info", {}).get("gate_reason"),
         "threshold": threshold,
         "threshold_source": threshold_source,
         "fusion": stored_path,
@@ -361,6 +351,7 @@ def rerank_night(
             k: stored["decision"].get(k)
             for k in ("auroc", "separable", "reliable", "simulated", "n_known", "n_unknown")
         },
+        "simulated_gates": stored["decision"].get("info", {}).get("gates"),
         "calibration": stored.get("calibration_stats"),
         "pairs_scored": stats.get("pairs_scored"),
         "pairs_cached": stats.get("pairs_cached"),
@@ -377,7 +368,7 @@ def rerank_night(
         threshold_source,
         result.errors.num_rows,
     )
-    return NightRerank(table, threshold, result.errors, report)
+    return NightRerank(table, threshold, result.errors, report, gate)
 
 
-__all__ = ["NightRerank", "fit_rerank_decision", "require_paths", "rerank_night"]
+__all__ = ["NightRerank", "decision_record", "require_paths", "rerank_night"]

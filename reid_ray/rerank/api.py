@@ -149,12 +149,10 @@ def rerank_candidates(
             folds=cfg.calibration_folds,
             margin=cfg.weight_margin,
             min_negatives=cfg.min_negatives,
-            threshold=cfg.threshold,
             seed=cfg.seed,
         )
         reason = fusion.stats.get("weight_reason")
     else:
-        fusion = fusion.with_threshold(cfg.threshold)
         reason = "a fitted fusion was given"
     fusion.save(rio.join(out_dir, FUSION_FILE))
     t_fitted = time.perf_counter()
@@ -170,7 +168,6 @@ def rerank_candidates(
         pairs_cached=int(scored.stats["pairs_cached"]),
         weight=float(fusion.weight),
         weight_reason=reason,
-        threshold=float(fusion.threshold),
         seconds={
             "score": round(t_scored - t_start, 3),
             "fit": round(t_fitted - t_scored, 3),

@@ -50,7 +50,10 @@ def rerank_command(
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Feature cache [OUT/features]."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda"),
     threshold: float | None = typer.Option(
-        None, "--threshold", help="Known-vs-new threshold on the calibrated probability [0.5]."
+        None,
+        "--threshold",
+        help="Known-vs-new threshold on the calibrated probability (default: fitted on the "
+        "calibration candidates, on the global or the fused score, whichever decides better).",
     ),
     viz: int = typer.Option(0, "--viz", help="Draw the top matches of the first N queries."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard stored scores in OUT."),
@@ -143,7 +146,8 @@ def run_rerank(
         progress=progress,
         overwrite=overwrite,
     )
-    preds = top_predictions(result.ranked, man, result.fusion)
+    decision = _decision(result, man, cfg, fusion_path)
+    preds = top_predictions(result.ranked, man, decision)
     outputs = {
         "reranked": write_part(rio.join(out, "reranked"), result.ranked, name="part-00000.parquet"),
         "errors": write_part(rio.join(out, "errors"), result.errors, name="part-00000.parquet"),
@@ -176,7 +180,7 @@ def run_rerank(
             "pairs_without_local_score": st.get("pairs_without_score"),
             "images_extracted": st.get("images_extracted"),
             "errors": int(result.errors.num_rows),
-            "predicted_new": int(sum(preds["is_new"].to_pylist())),
+            "predicted_new": int(sum(bool(x) for x in preds["is_new"].to_pylist())),
             "pictures": len(pictures),
         },
         timings={
@@ -203,11 +207,38 @@ def run_rerank(
         fusion={
             "weight": result.fusion.weight,
             "weight_reason": result.stats["weight_reason"],
-            "threshold": result.fusion.threshold,
             "calibration": result.stats.get("calibration"),
         },
+        decision=None if decision is None else decision.to_dict(),
         outputs=outputs,
     )
+
+
+def _decision(result, manifest, cfg, fusion_path: str | None):
+    """The known-vs-new decision (``reid_ray.decide``): fitted on the calibration pairs
+    when there are any, else the ``--threshold`` on the fused probability; None (nothing
+    decided, said in the summary) when a reused fusion comes without a threshold."""
+    from reid_ray.decide import DecisionConfig, fit_reranked_decision
+
+    calib = result.calibration
+    if calib is None or calib.num_rows == 0:
+        if cfg.threshold is None:
+            return None
+        from reid_ray.decide import Decision
+
+        return Decision(
+            threshold=float(cfg.threshold), rule="given", target=None,
+            score="calibrated P(same) of the top-1", auroc=float("nan"), separable=False,
+            reliable=False, simulated={}, fitted_on=f"given with --fusion {fusion_path}",
+            n_known=0, n_unknown=0, n_known_identities=0, n_unknown_identities=0,
+            message="threshold given on the command line", gate="fused",
+        )  # fmt: skip
+    df = calib.to_pandas()
+    gallery_ids = sorted(set(df["query_id"]) | set(df["gallery_id"]))
+    return fit_reranked_decision(
+        df, gallery_ids, manifest.identity_of(), cfg=DecisionConfig(seed=cfg.seed),
+        fixed_threshold=cfg.threshold,
+    )  # fmt: skip
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -223,13 +254,19 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
             f"{c['errors']}  ({c['pairs_without_local_score']} pairs without a local score)",
         ),
         ("fusion", f"local weight {f['weight']:.2f}: {f['weight_reason']}"),
-        (
-            "known vs new",
-            f"threshold {f['threshold']:.2f}; {c['predicted_new']} queries predicted new",
-        ),
+        ("known vs new", _decision_line(summary.get("decision"), c["predicted_new"])),
         (
             "time",
             f"{tm['total_s']:.1f} s (features {tm['extract_s']} s, matching {tm['match_s']} s)",
         ),
         ("outputs", summary["outputs"]["reranked"]),
     ]
+
+
+def _decision_line(decision: dict[str, Any] | None, predicted_new: int) -> str:
+    if decision is None:
+        return "not decided: a reused fusion needs --threshold (or give --calibration)"
+    return (
+        f"threshold {decision['threshold']:.3g} on the {decision['gate']} score; "
+        f"{predicted_new} queries predicted new"
+    )

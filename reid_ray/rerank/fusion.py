@@ -29,107 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from reid_ray.decide.calibration import Calibrator, fit_calibrator
 from reid_ray.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 FUSION_FORMAT = "reid-ray-fusion/1"
 DEFAULT_WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
-KINDS = ("isotonic", "logistic")
-TRANSFORMS = ("identity", "log1p")
-
-
-# -- one-dimensional calibrators ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Calibrator:
-    """A monotone map from a score to a probability, fitted by scikit-learn and stored as
-    numbers: ``isotonic`` (the fitted thresholds, interpolated linearly and clipped at the
-    ends, exactly as ``IsotonicRegression.predict`` with ``out_of_bounds="clip"``) or
-    ``logistic`` (``sigmoid(a * x + b)``), after an optional ``log1p`` of the score."""
-
-    kind: str
-    transform: str = "identity"
-    x: tuple[float, ...] = ()
-    y: tuple[float, ...] = ()
-    a: float = 0.0
-    b: float = 0.0
-
-    def _t(self, values: np.ndarray) -> np.ndarray:
-        v = np.asarray(values, dtype=np.float64)
-        return np.log1p(np.maximum(v, 0.0)) if self.transform == "log1p" else v
-
-    def predict(self, values: np.ndarray) -> np.ndarray:
-        v = self._t(values)
-        if self.kind == "isotonic":
-            return np.interp(v, np.asarray(self.x), np.asarray(self.y))
-        z = np.clip(self.a * v + self.b, -50.0, 50.0)
-        return 1.0 / (1.0 + np.exp(-z))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "transform": self.transform,
-            "x": list(self.x),
-            "y": list(self.y),
-            "a": self.a,
-            "b": self.b,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Calibrator:
-        try:
-            cal = cls(
-                str(d["kind"]),
-                str(d.get("transform", "identity")),
-                tuple(float(v) for v in d.get("x", ())),
-                tuple(float(v) for v in d.get("y", ())),
-                float(d.get("a", 0.0)),
-                float(d.get("b", 0.0)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"bad calibrator in fusion model: {exc}") from None
-        if cal.kind not in KINDS or cal.transform not in TRANSFORMS:
-            raise ConfigError(
-                f"bad calibrator in fusion model: kind {cal.kind!r}, transform {cal.transform!r}"
-            )
-        if cal.kind == "isotonic" and (len(cal.x) == 0 or len(cal.x) != len(cal.y)):
-            raise ConfigError("bad isotonic calibrator in fusion model: no fitted points")
-        return cal
-
-
-def fit_calibrator(
-    values: np.ndarray, labels: np.ndarray, kind: str, transform: str = "identity"
-) -> Calibrator:
-    """Fit a non-decreasing calibrator of ``values`` to the 0/1 ``labels`` (scikit-learn)."""
-    if kind not in KINDS:
-        raise ConfigError(f"calibration must be one of {', '.join(KINDS)}, got {kind!r}")
-    x = Calibrator(kind, transform)._t(values)
-    y = np.asarray(labels, dtype=np.float64)
-    if x.size == 0:
-        raise ConfigError("cannot calibrate on zero pairs")
-    if kind == "isotonic":
-        from sklearn.isotonic import IsotonicRegression
-
-        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
-        iso.fit(x, y)
-        return Calibrator(
-            kind,
-            transform,
-            tuple(map(float, iso.X_thresholds_)),
-            tuple(map(float, iso.y_thresholds_)),
-        )
-    rate = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
-    mu, sd = float(x.mean()), float(x.std())
-    if sd == 0 or y.min() == y.max():  # nothing to regress on: the base rate
-        return Calibrator(kind, transform, a=0.0, b=float(np.log(rate / (1 - rate))))
-    from sklearn.linear_model import LogisticRegression
-
-    # C=1 on the standardised score: a small L2 penalty keeps separable data finite
-    lr = LogisticRegression(C=1.0).fit(((x - mu) / sd)[:, None], y.astype(int))
-    a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
-    return Calibrator(kind, transform, a=a / sd, b=b - a * mu / sd)
 
 
 # -- the fusion model ---------------------------------------------------------------------------
@@ -143,7 +49,6 @@ class FusionModel:
     local_cal: Calibrator
     final_cal: Calibrator
     weight: float
-    threshold: float = 0.5
     stats: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -154,8 +59,6 @@ class FusionModel:
                 )
         if not 0.0 <= float(self.weight) <= 1.0:
             raise ConfigError(f"fusion weight must be in [0, 1], got {self.weight!r}")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ConfigError(f"fusion threshold must be in [0, 1], got {self.threshold!r}")
 
     def fused_score(self, global_scores: np.ndarray, local_scores: np.ndarray) -> np.ndarray:
         """The ranking key ``s`` (see the module doc); NaN local scores use the global part."""
@@ -167,22 +70,10 @@ class FusionModel:
         s = self.fused_score(global_scores, local_scores)
         return np.clip(self.final_cal.predict(s), 0.0, 1.0)
 
-    def is_new(self, top_probability: np.ndarray) -> np.ndarray:
-        """Known-vs-new decision on each query's top calibrated probability."""
-        return np.asarray(top_probability, dtype=np.float64) < self.threshold
-
-    def with_threshold(self, threshold: float | None) -> FusionModel:
-        if threshold is None:
-            return self
-        return FusionModel(
-            self.global_cal, self.local_cal, self.final_cal, self.weight, threshold, self.stats
-        )
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FUSION_FORMAT,
             "weight": float(self.weight),
-            "threshold": float(self.threshold),
             "global": self.global_cal.to_dict(),
             "local": self.local_cal.to_dict(),
             "final": self.final_cal.to_dict(),
@@ -203,8 +94,7 @@ class FusionModel:
             Calibrator.from_dict(d["global"]),
             Calibrator.from_dict(d["local"]),
             Calibrator.from_dict(d["final"]),
-            float(d["weight"]),
-            float(d.get("threshold", 0.5)),
+            float(d["weight"]),  # a "threshold" of older files is ignored: decide fits it
             dict(d.get("stats", {})),
         )
 
@@ -320,7 +210,6 @@ def fit_fusion(
     folds: int = 5,
     margin: float = 0.01,
     min_negatives: int = 0,
-    threshold: float | None = None,
     seed: int = 0,
 ) -> FusionModel:
     """Fit the fusion on labelled pairs (see the module doc).
@@ -392,9 +281,7 @@ def fit_fusion(
         weight,
         reason,
     )
-    return FusionModel(
-        cg, cl, final, float(weight), 0.5 if threshold is None else float(threshold), stats
-    )
+    return FusionModel(cg, cl, final, float(weight), stats)
 
 
 def _choose_weight(g, loc, y, query_ids, groups, weights, folds, margin, seed, fit_parts, stats):

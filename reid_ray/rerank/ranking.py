@@ -187,20 +187,30 @@ def calibration_table(calib, fusion: FusionModel) -> pa.Table:
     )
 
 
-def top_predictions(ranked: pa.Table, manifest, fusion: FusionModel) -> pa.Table:
+def top_predictions(ranked: pa.Table, manifest, decision=None) -> pa.Table:
     """One row per query: its first candidate after re-ranking, that candidate's identity,
-    the probability and the known-vs-new decision (``is_new``: below the fusion threshold)."""
-    df = ranked.to_pandas().sort_values(["query_id", "rank"]).drop_duplicates("query_id")
+    the probability and the known-vs-new decision of ``decision`` (a
+    ``reid_ray.decide.Decision``: its threshold on the best global cosine or on the top
+    probability, by its ``gate``); without one, ``is_new`` is null (not decided)."""
+    from reid_ray.decide import gate_scores
+
+    df = ranked.to_pandas().sort_values(["query_id", "rank"])
+    best_global = df.groupby("query_id", sort=False)["global_score"].max()
+    df = df.drop_duplicates("query_id")
     ident = identities(manifest)
     prob = df["probability"].to_numpy(dtype=np.float64)
-    is_new = fusion.is_new(prob)
+    if decision is None or not np.isfinite(decision.threshold):
+        is_new = [None] * len(df)
+    else:
+        gated = gate_scores(decision, best_global.loc[df["query_id"]].to_numpy(np.float64), prob)
+        is_new = (np.nan_to_num(gated, nan=-np.inf) < decision.threshold).tolist()
     return pa.table(
         {
             "query_id": pa.array(df["query_id"].astype(str), pa.string()),
             "gallery_id": pa.array(df["gallery_id"].astype(str), pa.string()),
             "predicted_identity": pa.array(
                 [
-                    None if new else ident.get(g)
+                    None if new is not False else ident.get(g)
                     for g, new in zip(df["gallery_id"], is_new, strict=True)
                 ],
                 pa.string(),

@@ -50,7 +50,7 @@ def calibration_identities(
     ``MIN_HELDOUT_IDENTITIES`` (what the known-vs-new decision needs to trust them) or a
     quarter of them, of the ``n`` sorted ``identities`` when ``n >= min_identities``, else
     none. Seeded: the same identities on every machine; at least two always train."""
-    from reid_ray.evaluation.openset import MIN_HELDOUT_IDENTITIES
+    from reid_ray.decide.config import MIN_HELDOUT_IDENTITIES
 
     ids = sorted(set(map(str, identities)))
     if fraction <= 0 or len(ids) < min_identities:
