@@ -13,9 +13,14 @@ query_unknown rows) this
    (what ``reid-ray evaluate`` runs), global only and with ``--rerank`` (SIFT + classical
    matcher), both sharing one embeddings folder;
 
+4. evaluates again with re-ranking and the decision forced onto the fused probability
+   (``--set decision gate=fused``: what every re-ranked decision did before the ``decide``
+   stage chose between the global and the fused score), sharing the feature cache;
+
 and writes top-1, mAP, BAKS, BAUS, their harmonic mean, the known/unknown AUROC, the
-threshold, the fusion weight and its reason, seconds per phase and the load average to
-``benchmarks/results/openset_finetuned_<name>.json``.
+threshold, the score that decided (``gate``), the fusion weight and its reason, seconds per
+phase and the load average to ``benchmarks/results/openset_finetuned_<name>.json``.
+``--no-train`` skips step 2 and evaluates ``--model`` as it is (e.g. the ImageNet start).
 
     reid-ray synth --out /tmp/zoo --species 3 --individuals 90 --images-per 10 --size 256
     python benchmarks/openset_finetuned.py --name toyzoo --manifest /tmp/zoo/metadata.csv \\
@@ -67,6 +72,7 @@ def _row(m: dict) -> dict:
     row = {k: m.get(k) for k in KEYS}
     row["hmean_baks_baus"] = _hmean(m.get("baks"), m.get("baus"))
     dec = m.get("open_set") or {}
+    row["gate"] = dec.get("gate")
     row["decision"] = {k: v for k, v in dec.items() if k != "method"}
     return row
 
@@ -89,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-queries", type=int, default=None,
                    help="Gallery queries the re-ranking calibrates on (default: RerankConfig's).")  # fmt: skip
     p.add_argument("--result", default=None, help="Result JSON (default benchmarks/results/).")
+    p.add_argument("--no-train", action="store_true", help="Evaluate --model as it is.")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from reid_ray.config import replace
+    from reid_ray.decide import DecisionConfig
     from reid_ray.evaluation import evaluate
     from reid_ray.rerank import load_rerank_config
-    from reid_ray.train import TrainConfig, train
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -115,6 +121,42 @@ def main(argv: list[str] | None = None) -> int:
         LOG.info("%s: %.1f s, load %s", name, record["seconds"][name], record["load_after"][name])
 
     t = time.perf_counter()
+    if args.no_train:
+        checkpoint, record["train"] = args.model, None
+    else:
+        checkpoint = _train(args, work, record)
+        phase("train", t)
+    embed_dir = str(work / "embed")
+    size = {"image_size": args.image_size} if args.no_train else {}
+
+    t = time.perf_counter()
+    # the checkpoint keeps its own input size and preprocessing
+    glob = evaluate(args.manifest, args.split, checkpoint, str(work / "eval_global"),
+                    embed_dir=embed_dir, **size)  # fmt: skip
+    phase("evaluate_global", t)
+    rcfg = load_rerank_config(
+        dict(extractor="sift", matcher="classical", top_k=args.rerank_top_k,
+             resize_long_side=args.resize_long_side, cache_dir=str(work / "features")),
+        calibration_queries=args.calibration_queries,
+    )  # fmt: skip
+    t = time.perf_counter()
+    rer = evaluate(args.manifest, args.split, checkpoint, str(work / f"eval_rerank_{args.name}"),
+                   rerank=rcfg, embed_dir=embed_dir, **size)  # fmt: skip
+    phase("evaluate_rerank", t)
+    t = time.perf_counter()
+    fused = evaluate(args.manifest, args.split, checkpoint, str(work / "eval_rerank_fused_gate"),
+                     rerank=rcfg, embed_dir=embed_dir, decision=DecisionConfig(gate="fused"),
+                     **size)  # fmt: skip
+    phase("evaluate_rerank_fused_gate", t)
+    _write(args, record, result_path, glob, rer, fused)
+    return 0
+
+
+def _train(args, work: Path, record: dict) -> str:
+    """Step 2: fine-tune on the gallery rows; returns the checkpoint folder."""
+    from reid_ray.config import replace
+    from reid_ray.train import TrainConfig, train
+
     train_split = work / "train_on_gallery_split.csv"
     record["train_split_rows"] = derive_split(args.split, train_split)
     cfg = replace(
@@ -123,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         calibration_fraction=args.calibration_fraction,
     )  # fmt: skip
     summary = train(args.manifest, str(work / "train"), split_path=str(train_split), config=cfg)
-    phase("train", t)
     c = summary["counts"]
     record["train"] = {
         "config": cfg.to_dict(),
@@ -137,24 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         "val_mAP": summary["val_mAP"],
         "skipped_already_complete": bool(summary.get("skipped")),
     }
-    checkpoint = str(work / "train")
-    embed_dir = str(work / "embed")
+    return str(work / "train")
 
-    t = time.perf_counter()
-    # the checkpoint keeps its own input size and preprocessing
-    glob = evaluate(args.manifest, args.split, checkpoint, str(work / "eval_global"),
-                    embed_dir=embed_dir)  # fmt: skip
-    phase("evaluate_global", t)
-    rcfg = load_rerank_config(
-        dict(extractor="sift", matcher="classical", top_k=args.rerank_top_k,
-             resize_long_side=args.resize_long_side),
-        calibration_queries=args.calibration_queries,
-    )  # fmt: skip
-    t = time.perf_counter()
-    rer = evaluate(args.manifest, args.split, checkpoint, str(work / f"eval_rerank_{args.name}"),
-                   rerank=rcfg, embed_dir=embed_dir)  # fmt: skip
-    phase("evaluate_rerank", t)
 
+def _write(args, record: dict, result_path: Path, glob: dict, rer: dict, fused: dict) -> None:
     info = rer.get("rerank") or {}
     stats = info.get("stats") or {}
     record.update(
@@ -165,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": glob["model"],
             "global": _row(glob),
             "rerank": _row(rer),
+            "rerank_fused_gate": _row(fused),
             "global_inside_rerank_run": _row(rer.get("global") or {}),
             "rerank_config": info and rer["config"]["rerank"],
             "fusion_weight": info.get("fusion_weight"),
@@ -176,14 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    for name in ("global", "rerank"):
+    for name in ("global", "rerank", "rerank_fused_gate"):
         r = record[name]
         LOG.info(
             "%s: top1 %s mAP %s BAKS %s BAUS %s hmean %s AUROC %s", name, r["top1"], r["mAP"],
             r["baks"], r["baus"], r["hmean_baks_baus"], r["auroc_known_unknown"],
         )  # fmt: skip
     LOG.info("wrote %s", result_path)
-    return 0
 
 
 if __name__ == "__main__":

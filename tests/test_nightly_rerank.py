@@ -74,7 +74,7 @@ def _results(out):
     return parts.read_parts(os.path.join(out, "results"), RESULTS_SCHEMA).to_pandas()
 
 
-def test_identify_with_rerank_decides_on_fused_probabilities(world):
+def test_identify_with_rerank_decides_by_the_chosen_score(world):
     from reid_ray import parts
     from reid_ray.data.manifest import ERRORS_SCHEMA
     from reid_ray.gallery import identify, open_version
@@ -83,9 +83,19 @@ def test_identify_with_rerank_decides_on_fused_probabilities(world):
     report = identify(world["gallery"], str(world["root"] / "night.csv"), out, _cfg(world["yaml"]))
     rr = report["rerank"]
     assert rr["extractor"] == "sift" and rr["fusion_source"].startswith("fitted now")
-    assert report["decision"]["score"] == "top-1 calibrated fused probability"
+    # the global cosine or the fused probability decides, whichever the gallery's
+    # simulation preferred; the report says which and shows both
+    gate = report["decision"]["gate"]
+    assert gate == rr["decision_gate"] in ("global", "fused")
+    assert set(rr["simulated_gates"]) == {"global", "fused"}
+    assert report["decision"]["score"] == (
+        "top-1 calibrated fused probability" if gate == "fused" else "best global cosine"
+    )
     threshold = report["decision"]["threshold"]
-    assert threshold == rr["threshold"] and 0.0 <= threshold <= 1.0
+    assert threshold == rr["threshold"] and -1.0 <= threshold <= 1.0
+    # new images are grouped by the same decision, on pairs scored like candidates
+    if report["counts"]["new"] >= 2:
+        assert report["grouping"]["gate"] == gate and report["grouping"]["pairs"] > 0
     assert rr["calibration"]["queries"] >= 10 and rr["pairs_scored"] > 0
     assert "rerank" in report["timings"]
 
@@ -97,7 +107,8 @@ def test_identify_with_rerank_decides_on_fused_probabilities(world):
         assert len(fused) == len(probs) == len(r.cand_identities) == len(r.cand_images) >= 1
         assert fused == sorted(fused, reverse=True)  # candidates follow the fused order
         assert r.confidence == probs[0]
-        assert (r.decision == "known") == (r.confidence >= threshold)  # the fused decision
+        gated = r.confidence if gate == "fused" else max(r.cand_scores)
+        assert (r.decision == "known") == (gated >= threshold)  # the chosen decision
         if r.decision == "known":
             assert r.identity == r.cand_identities[0]
     assert res.cand_local_scores.map(lambda v: any(x == x for x in v if x is not None)).any()

@@ -431,6 +431,11 @@ def _rerank(
     from reid_ray.rerank import rerank_candidates
 
     t = time.perf_counter()
+    if cfg.top_k > k_eff:
+        logger.warning(
+            "re-ranking top_k %d exceeds the %d candidates searched per query (k, capped at "
+            "the gallery size): re-ranking %d", cfg.top_k, k_eff, k_eff,
+        )  # fmt: skip
     result = rerank_candidates(
         read_candidates(rio.join(out, CANDIDATES_DIR)),
         manifest,
@@ -463,6 +468,7 @@ def _rerank(
                      f"re-ranked ({cfg.extractor} + {cfg.matcher}), decided by the "
                      f"{decided.gate} score", gate_top)  # fmt: skip
     info = {
+        "candidates_reranked": min(cfg.top_k, k_eff),
         "seconds": time.perf_counter() - t,
         "ranking": "fused score; score = calibrated P(same individual)",
         "errors": int(result.errors.num_rows) if result.errors is not None else 0,

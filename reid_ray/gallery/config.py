@@ -49,9 +49,11 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class GroupConfig:
-    """New images are grouped into one provisional individual when they are mutual
-    neighbours (each among the other's ``mutual_k`` nearest new images) with a similarity
-    of at least ``threshold`` (None: the gallery's calibrated known-vs-new threshold)."""
+    """New images are grouped into one provisional individual by the night's own
+    known-vs-new decision: with re-ranking, each new image's ``mutual_k`` nearest new images
+    are scored like candidates and a pair the decision accepts is linked; without, mutual
+    neighbours (each among the other's ``mutual_k`` nearest) whose cosine reaches the
+    gallery's threshold. ``threshold``: a cosine threshold instead (global score only)."""
 
     mutual_k: int = 5
     threshold: float | None = None

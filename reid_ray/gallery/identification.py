@@ -281,17 +281,28 @@ def identify(
     t = time.perf_counter()
     new_idx = [i for i, d in enumerate(decisions) if d == NEW]
     groups: list[str | None] = [None] * len(ids)
+    grouping: dict[str, Any] = {}
     if new_idx:
         emb = read_embeddings(embed_dir, ids=[ids[i] for i in new_idx])
         pos = {g: j for j, g in enumerate(emb.ids.tolist())}
         order = [pos[ids[i]] for i in new_idx]
-        labels = group_new(
-            [ids[i] for i in new_idx],
-            emb.matrix[order],
-            cfg.group.threshold if cfg.group.threshold is not None else threshold,
-            cfg.group.mutual_k,
-            night,
-        )
+        new_ids = [ids[i] for i in new_idx]
+        if reranked is not None and cfg.group.threshold is None:
+            from reid_ray.gallery.reranking import group_new_reranked
+
+            labels, grouping = group_new_reranked(
+                version, table, new_ids, emb.matrix[order], cfg, reranked,
+                rio.join(out, "rerank_new"), night,
+            )  # fmt: skip
+        else:
+            labels = group_new(
+                new_ids,
+                emb.matrix[order],
+                cfg.group.threshold if cfg.group.threshold is not None else threshold,
+                cfg.group.mutual_k,
+                night,
+            )
+            grouping = {"gate": "global", "threshold": cfg.group.threshold or threshold}
         for i, label in zip(new_idx, labels, strict=True):
             groups[i] = predicted[i] = label
     timings["group"] = time.perf_counter() - t
@@ -370,6 +381,7 @@ def identify(
             "threshold": reranked.threshold if reranked else threshold,
         },
         "counts": counts,
+        "grouping": grouping,
         "errors_by_reason": dict(Counter(_reason_kind(r) for r in errors["reason"].to_pylist())),
         "error_examples": errors.slice(0, 20).to_pylist(),
         "timings": timings,

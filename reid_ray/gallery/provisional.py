@@ -18,49 +18,56 @@ from reid_ray.decide import KNOWN, NEW
 logger = logging.getLogger(__name__)
 
 
-def group_new(ids, matrix: np.ndarray, threshold: float, mutual_k: int, night: str) -> list[str]:
-    """Provisional ids for new images: connected components of the graph linking mutual
-    neighbours (each in the other's ``mutual_k`` nearest) whose similarity >= threshold.
+def new_neighbours(ids, matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each new image's ``k`` nearest other new images: ([N, K] cosines, [N, K] ids with
+    ``None`` pads), by FAISS over the night's new images only."""
+    from reid_ray.index import build_index, search
+
+    ids = [str(i) for i in ids]
+    if len(ids) < 2:
+        return np.zeros((len(ids), 0), np.float32), np.zeros((len(ids), 0), object)
+    index = build_index(matrix, ids, use_gpu=False)
+    return search(index, matrix, min(k, len(ids) - 1), query_ids=ids, exclude_self=True)
+
+
+def provisional_ids(ids, linked, night: str) -> list[str]:
+    """Provisional ids: connected components (scipy) of the ``linked`` pairs of image ids.
 
     Ids are ``new-<night>-<nnnn>``, numbered by each group's smallest image id, so the same
     images always get the same ids.
     """
-    from reid_ray.index import build_index, search
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
     ids = [str(i) for i in ids]
     n = len(ids)
     if n == 0:
         return []
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    if n > 1:
-        index = build_index(matrix, ids, use_gpu=False)
-        scores, nbr = search(index, matrix, min(mutual_k, n - 1), query_ids=ids, exclude_self=True)
-        pos = {g: i for i, g in enumerate(ids)}
-        near = [
-            {
-                pos[g]
-                for g, s in zip(nbr[i], scores[i], strict=True)
-                if g is not None and s >= threshold
-            }
-            for i in range(n)
-        ]
-        for i in range(n):
-            for j in near[i]:
-                if i in near[j]:
-                    parent[find(i)] = find(j)
-    roots = [find(i) for i in range(n)]
+    pos = {g: i for i, g in enumerate(ids)}
+    edges = [(pos[a], pos[b]) for a, b in linked if a in pos and b in pos]
+    rows = np.array([a for a, _ in edges], dtype=np.int64)
+    cols = np.array([b for _, b in edges], dtype=np.int64)
+    graph = coo_matrix((np.ones(len(edges)), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
     first: dict[int, str] = {}
     for i in sorted(range(n), key=lambda i: ids[i]):
-        first.setdefault(roots[i], ids[i])
-    order = {root: c for c, root in enumerate(sorted(first, key=lambda r: first[r]), start=1)}
-    return [f"new-{night}-{order[r]:04d}" for r in roots]
+        first.setdefault(int(labels[i]), ids[i])
+    order = {c: k for k, c in enumerate(sorted(first, key=lambda c: first[c]), start=1)}
+    return [f"new-{night}-{order[int(c)]:04d}" for c in labels]
+
+
+def group_new(ids, matrix: np.ndarray, threshold: float, mutual_k: int, night: str) -> list[str]:
+    """Provisional ids for new images by the global score: components of the graph linking
+    mutual neighbours (each in the other's ``mutual_k`` nearest) whose cosine >= threshold."""
+    ids = [str(i) for i in ids]
+    scores, nbr = new_neighbours(ids, matrix, mutual_k)
+    near = [
+        {g for g, s in zip(nbr[i], scores[i], strict=True) if g is not None and s >= threshold}
+        for i in range(len(ids))
+    ]
+    at = {g: i for i, g in enumerate(ids)}
+    linked = [(a, b) for i, a in enumerate(ids) for b in near[i] if a in near[at[b]]]
+    return provisional_ids(ids, linked, night)
 
 
 def evaluate_decisions(
@@ -110,4 +117,4 @@ def evaluate_decisions(
     return out
 
 
-__all__ = ["evaluate_decisions", "group_new"]
+__all__ = ["evaluate_decisions", "group_new", "new_neighbours", "provisional_ids"]

@@ -73,6 +73,7 @@ class NightRerank:
     errors: pa.Table
     report: dict[str, Any] = field(default_factory=dict)
     gate: str = "fused"
+    fusion: Any = None  # the FusionModel the night was ranked with
 
 
 def rerank_settings(section) -> Any:
@@ -242,6 +243,11 @@ def rerank_night(
     if rcfg.cache_dir is None:
         cache = version.info.get("features_cache") or rio.join(version.root, "features")
         rcfg = rcfg.replace(cache_dir=cache)
+    if rcfg.top_k > cfg.search.candidates:
+        logger.warning(
+            "re-ranking top_k %d exceeds search.candidates %d (candidate identities per "
+            "image): re-ranking %d", rcfg.top_k, cfg.search.candidates, cfg.search.candidates,
+        )  # fmt: skip
     long = _long_candidates(cands)
     key = stored_key(rcfg, cfg.calibration.k)
     stored_path = rio.join(version.folder, "rerank", f"{key}.json")
@@ -334,6 +340,7 @@ def rerank_night(
     stats = result.stats
     report = {
         "enabled": True,
+        "candidates_reranked": min(rcfg.top_k, cfg.search.candidates),
         "extractor": rcfg.extractor,
         "matcher": rcfg.matcher,
         "decision_score": (
@@ -368,7 +375,52 @@ def rerank_night(
         threshold_source,
         result.errors.num_rows,
     )
-    return NightRerank(table, threshold, result.errors, report, gate)
+    return NightRerank(table, threshold, result.errors, report, gate, result.fusion)
 
 
-__all__ = ["NightRerank", "decision_record", "require_paths", "rerank_night"]
+def group_new_reranked(
+    version: GalleryVersion,
+    night: pa.Table,
+    ids: list[str],
+    matrix: np.ndarray,
+    cfg,
+    reranked: NightRerank,
+    out_dir: str,
+    night_name: str,
+) -> tuple[list[str], dict[str, Any]]:
+    """Provisional ids for the night's new images with the night's own decision: each new
+    image's ``group.mutual_k`` nearest new images are scored like candidates (local
+    features, the stored fusion) and a pair is linked when the decision accepts it (its
+    gate score at least the threshold, in either direction). Returns the ids and a report."""
+    from reid_ray.gallery.provisional import new_neighbours, provisional_ids
+    from reid_ray.rerank import rerank_candidates
+
+    scores, nbr = new_neighbours(ids, matrix, cfg.group.mutual_k)
+    rows = [
+        (q, g, float(sc), j + 1)
+        for q, row_ids, row_scores in zip(ids, nbr, scores, strict=True)
+        for j, (g, sc) in enumerate(zip(row_ids, row_scores, strict=True))
+        if g is not None and np.isfinite(sc)
+    ]
+    report = {"pairs": len(rows), "linked": 0, "gate": reranked.gate}
+    if not rows:
+        return provisional_ids(ids, [], night_name), report
+    q, g, sc, r = (list(c) for c in zip(*rows, strict=True))
+    pairs = pa.table({"query_id": pa.array(q, pa.string()), "gallery_id": pa.array(g, pa.string()),
+                      "score": pa.array(sc, pa.float64()), "rank": pa.array(r, pa.int32())})  # fmt: skip
+    rcfg = rerank_settings(cfg.rerank)
+    if rcfg.cache_dir is None:
+        cache = version.info.get("features_cache") or rio.join(version.root, "features")
+        rcfg = rcfg.replace(cache_dir=cache)
+    rcfg = rcfg.replace(top_k=max(rcfg.top_k, cfg.group.mutual_k))
+    result = rerank_candidates(pairs, _manifest(night, version, set()), rcfg, out_dir,
+                               fusion=reranked.fusion)  # fmt: skip
+    ranked = result.ranked.to_pandas()
+    gated = ranked["probability"] if reranked.gate == "fused" else ranked["global_score"]
+    accepted = ranked[gated.to_numpy(np.float64) >= reranked.threshold]
+    linked = list(zip(accepted["query_id"], accepted["gallery_id"], strict=True))
+    report.update(linked=len(linked), errors=int(result.errors.num_rows))
+    return provisional_ids(ids, linked, night_name), report
+
+
+__all__ = ["NightRerank", "group_new_reranked", "decision_record", "require_paths", "rerank_night"]
