@@ -18,7 +18,7 @@ Pure numpy / pandas / scikit-learn; no Ray.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,12 @@ class Decision:
 
     def predict(self, top_scores, top_identities, new_label: Any = "new") -> np.ndarray:
         return predict_with_threshold(top_scores, top_identities, self.threshold, new_label)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Decision:
+        """The decision of a stored record (``to_dict``; its curve is not stored)."""
+        names = {f.name for f in fields(cls)} - {"curve"}
+        return cls(**{k: v for k, v in record.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "curve"}
@@ -198,6 +204,7 @@ def fit_reranked_decision(
     heldout_ids=None,
     cfg: DecisionConfig | None = None,
     fixed_threshold: float | None = None,
+    global_decision: Decision | None = None,
 ) -> Decision:
     """The known-vs-new decision with re-ranking on, fitted on re-ranking's scored
     calibration pairs (``query_id, gallery_id, global_score, probability``: gallery
@@ -208,7 +215,11 @@ def fit_reranked_decision(
     candidate or the fused probability of the top-1, the fused one only when its simulated
     hmean(BAKS, BAUS) beats the global one's by ``cfg.gate_margin`` (``cfg.gate`` forces
     one). ``fixed_threshold``: a threshold on the fused probability given by the user
-    (the rerank config's ``threshold``) instead of a fitted one.
+    (the rerank config's ``threshold``) instead of a fitted one. ``global_decision``: the
+    global-only decision (fitted on the whole gallery's leave-one-out neighbours, more
+    samples than the calibration queries): when the global score wins, it is returned as
+    it is, so the known/new split is the global-only one and only the identities of the
+    accepted queries come from the re-ranked order.
     """
     cfg = cfg or DecisionConfig()
     gates = {"global": ("global_score", GLOBAL_SCORE), "fused": ("probability", FUSED_SCORE)}
@@ -245,6 +256,8 @@ def fit_reranked_decision(
             or np.nan_to_num(f.hmean, nan=-1.0) > np.nan_to_num(g.hmean, nan=-1.0) + cfg.gate_margin
         )
         chosen = f if fused_better else g
+        if not fused_better and global_decision is not None:
+            chosen = replace(global_decision, gate="global", info=dict(global_decision.info))
         reason = (
             f"simulated hmean(BAKS, BAUS): fused {f.hmean:.3f}, global {g.hmean:.3f}; the fused "
             f"score decides only when it is better by more than {cfg.gate_margin:g}"

@@ -350,7 +350,7 @@ def evaluate(
         metrics, rerank_info = _rerank(
             out, rerank_cfg, selected, query_ids, k_eff, gallery_list, identity_of,
             session_of, heldout_ids, decision_cfg, scored, rerank_progress, overwrite,
-            _top_scores(scores),
+            _top_scores(scores), decided,
         )  # fmt: skip
         metrics["global"] = global_metrics
 
@@ -421,7 +421,7 @@ def _config_dict(cfg) -> dict[str, Any]:
 
 def _rerank(
     out, cfg, manifest, query_ids, k_eff, gallery_ids, identity_of, session_of, heldout_ids,
-    decision_cfg, scored, progress, overwrite, global_top,
+    decision_cfg, scored, progress, overwrite, global_top, global_decision,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Re-rank the query candidates (calibrated on the gallery's leave-one-out candidates)
     and score them; the known-vs-new decision is refitted on the calibration pairs, and
@@ -461,7 +461,7 @@ def _rerank(
         raise ConfigError("re-ranking returned no calibration pairs: no known-vs-new decision")
     decided = fit_reranked_decision(
         calib, gallery_ids, identity_of, session_of=session_of, heldout_ids=heldout_ids,
-        cfg=decision_cfg, fixed_threshold=cfg.threshold,
+        cfg=decision_cfg, fixed_threshold=cfg.threshold, global_decision=global_decision,
     )  # fmt: skip
     gate_top = global_top if decided.gate == "global" else None
     metrics = scored(r_scores, r_ids, decided, "open_set_rerank.png",

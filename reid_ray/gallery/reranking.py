@@ -159,17 +159,24 @@ def calibration_candidates(
 
 
 def decision_record(
-    calibration: pa.Table, gallery_ids, identity_of: dict[str, str], seed: int, heldout_ids=None
+    calibration: pa.Table,
+    gallery_ids,
+    identity_of: dict[str, str],
+    seed: int,
+    heldout_ids=None,
+    global_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The known-vs-new decision of a gallery version with re-ranking on
-    (``reid_ray.decide.fit_reranked_decision`` on the scored calibration pairs), as the
-    JSON record stored beside the fusion; a fit without samples of both kinds falls back
-    to 0.5 on the fused probability and says so."""
-    from reid_ray.decide import DecisionConfig, fit_reranked_decision
+    (``reid_ray.decide.fit_reranked_decision`` on the scored calibration pairs; the
+    version's global-only decision ``global_record`` is kept as it is when the global score
+    wins), as the JSON record stored beside the fusion; a fit without samples of both kinds
+    falls back to 0.5 on the fused probability and says so."""
+    from reid_ray.decide import Decision, DecisionConfig, fit_reranked_decision
 
     decision = fit_reranked_decision(
         calibration.to_pandas(), gallery_ids, identity_of, heldout_ids=heldout_ids,
         cfg=DecisionConfig(seed=seed),
+        global_decision=Decision.from_record(global_record) if global_record else None,
     )  # fmt: skip
     out = decision.to_dict()
     if np.isfinite(decision.threshold):
@@ -278,8 +285,9 @@ def rerank_night(
     if stored is None:
         gallery_ids = read_table(version, ["image_id"])["image_id"].to_pylist()
         decision = decision_record(
-            result.calibration, gallery_ids, manifest.identity_of(), rcfg.seed, heldout
-        )
+            result.calibration, gallery_ids, manifest.identity_of(), rcfg.seed, heldout,
+            version.calibration(),
+        )  # fmt: skip
         stored = {
             "format": STORED_FORMAT,
             "key": key,
