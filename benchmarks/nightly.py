@@ -43,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RESULT = HERE / "results" / "nightly.json"
-# SIFT + MAGSAC: no weights, ~20 ms per image and a few ms per pair on a CPU (ENVIRONMENT.md)
+# SIFT + MAGSAC: no weights, ~20 ms per image and a few ms per pair on a CPU (docs/design.md)
 DEFAULT_RERANK = {"extractor": "sift", "matcher": "classical", "max_keypoints": 512,
                   "resize_long_side": 384}  # fmt: skip
 

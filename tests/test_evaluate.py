@@ -1,5 +1,5 @@
 """``evaluate`` end to end on a toy-zoo split with timm:resnet18 on the local Ray cluster:
-metrics.json holds the DESIGN.md keys, agrees with a brute-force computation, the threshold
+metrics.json holds the keys README.md promises, agrees with a brute-force computation, the threshold
 comes from the gallery alone (the known-vs-new decision), a second evaluate sharing the
 embeddings folder embeds nothing, and re-ranking runs through ``rerank_candidates``."""
 

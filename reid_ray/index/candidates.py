@@ -1,8 +1,8 @@
 """Candidates: the top-K gallery items of every query, as a long Parquet table.
 
-Schema (DESIGN.md): ``query_id`` string, ``rank`` int32 (1 = best), ``gallery_id`` string,
-``score`` float32 (cosine similarity, higher = closer). Padding (a gallery smaller than K)
-is not written: a query has ``min(K, gallery size)`` rows.
+Schema (docs/design.md, Contracts): ``query_id`` string, ``rank`` int32 (1 = best),
+``gallery_id`` string, ``score`` float32 (cosine similarity, higher = closer). Padding (a
+gallery smaller than K) is not written: a query has ``min(K, gallery size)`` rows.
 """
 
 from __future__ import annotations

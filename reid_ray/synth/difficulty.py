@@ -7,7 +7,7 @@
   the most inliers wins. It reads the pattern's geometry, so it should score high.
 
 Run: ``python -m reid_ray.synth.difficulty ZOO_DIR`` (prints JSON). The figures quoted in
-the README come from this module.
+docs/results/demo.md come from this module.
 """
 
 from __future__ import annotations
