@@ -75,9 +75,17 @@ class Calibrator:
 
 
 def fit_calibrator(
-    values: np.ndarray, labels: np.ndarray, kind: str, transform: str = "identity"
+    values: np.ndarray,
+    labels: np.ndarray,
+    kind: str,
+    transform: str = "identity",
+    *,
+    balanced: bool = False,
 ) -> Calibrator:
-    """Fit a non-decreasing calibrator of ``values`` to the 0/1 ``labels`` (scikit-learn)."""
+    """Fit a non-decreasing calibrator of ``values`` to the 0/1 ``labels`` (scikit-learn).
+
+    ``balanced`` (logistic only): both classes weigh the same, so 0.5 sits where "same"
+    and "other" are equally likely under equal priors, whatever their counts in the fit."""
     if kind not in KINDS:
         raise ConfigError(f"calibration must be one of {', '.join(KINDS)}, got {kind!r}")
     x = Calibrator(kind, transform)._t(values)
@@ -95,14 +103,15 @@ def fit_calibrator(
             tuple(map(float, iso.X_thresholds_)),
             tuple(map(float, iso.y_thresholds_)),
         )
-    rate = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
+    rate = 0.5 if balanced else float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
     mu, sd = float(x.mean()), float(x.std())
     if sd == 0 or y.min() == y.max():  # nothing to regress on: the base rate
         return Calibrator(kind, transform, a=0.0, b=float(np.log(rate / (1 - rate))))
     from sklearn.linear_model import LogisticRegression
 
     # C=1 on the standardised score: a small L2 penalty keeps separable data finite
-    lr = LogisticRegression(C=1.0).fit(((x - mu) / sd)[:, None], y.astype(int))
+    lr = LogisticRegression(C=1.0, class_weight="balanced" if balanced else None)
+    lr.fit(((x - mu) / sd)[:, None], y.astype(int))
     a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
     return Calibrator(kind, transform, a=a / sd, b=b - a * mu / sd)
 

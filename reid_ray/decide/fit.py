@@ -175,14 +175,15 @@ def hmean(a: float, b: float) -> float:
 
 def fit_confidence(samples: Samples, decision: Decision) -> Calibrator:
     """P(same individual | top-1 score) for reviewers: a logistic calibrator fitted on the
-    simulated samples (right known samples = 1, unknown samples = 0); where they hold one
+    simulated samples (right known samples = 1, unknown samples = 0, the two classes
+    weighted equally, as the decision's balanced accuracy weighs them); where they hold one
     kind only, a steep logistic centred on the threshold."""
     right = samples.known_scores[samples.known_right]
     x = np.concatenate([right, samples.unknown_scores])
     y = np.concatenate([np.ones(len(right)), np.zeros(samples.n_unknown)])
     keep = np.isfinite(x)
     if len(np.unique(y[keep])) == 2:
-        return fit_calibrator(x[keep], y[keep], "logistic")
+        return fit_calibrator(x[keep], y[keep], "logistic", balanced=True)
     return Calibrator("logistic", a=10.0, b=-10.0 * float(decision.threshold))
 
 
