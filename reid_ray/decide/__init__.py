@@ -35,7 +35,13 @@ from reid_ray.decide.rule import (
     known_or_new,
     predict_with_threshold,
 )
-from reid_ray.decide.simulation import Samples, choose_samples, pairs_from_matrix, simulate
+from reid_ray.decide.simulation import (
+    Samples,
+    choose_samples,
+    draw_preferred,
+    pairs_from_matrix,
+    simulate,
+)
 
 __all__ = [
     "FUSED_SCORE",
@@ -52,6 +58,7 @@ __all__ = [
     "auroc",
     "balanced_threshold_curve",
     "choose_samples",
+    "draw_preferred",
     "confidence_from_record",
     "fit_calibrator",
     "fit_confidence",

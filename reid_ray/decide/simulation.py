@@ -58,6 +58,18 @@ def _sample_rows(ids: list[str], limit: int, seed: int) -> set[str] | None:
     return set(np.asarray(ids, dtype=object)[rng.choice(len(ids), limit, replace=False)].tolist())
 
 
+def draw_preferred(items: np.ndarray, n: int, preferred_mask: np.ndarray, seed: int):
+    """``n`` of ``items`` (sorted, seeded): those where ``preferred_mask`` holds first (a
+    sample of them when there are more), the rest drawn from the others."""
+    rng = np.random.default_rng(seed)
+    chosen = items[preferred_mask]
+    if len(chosen) >= n:
+        return np.sort(rng.choice(chosen, size=n, replace=False))
+    rest = items[~preferred_mask]
+    fill = rng.choice(rest, size=min(n - len(chosen), len(rest)), replace=False)
+    return np.sort(np.concatenate([chosen, fill]))
+
+
 def simulate(
     pairs: pd.DataFrame,
     gallery_ids,
@@ -213,4 +225,4 @@ def choose_samples(
     return sim
 
 
-__all__ = ["Samples", "choose_samples", "pairs_from_matrix", "simulate"]
+__all__ = ["Samples", "choose_samples", "draw_preferred", "pairs_from_matrix", "simulate"]

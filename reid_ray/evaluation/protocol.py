@@ -38,6 +38,7 @@ from reid_ray.decide import (
     auroc,
     balanced_threshold_curve,
     choose_samples,
+    draw_preferred,
     fit_decision,
     fit_reranked_decision,
     pairs_from_matrix,
@@ -292,7 +293,8 @@ def evaluate(
         emb.matrix[g_rows],
         gallery_ids,
         key=emb.key,
-        exact_threshold=exact_threshold or DEFAULT_EXACT_THRESHOLD,
+        # exact at any size unless asked: approximate search would make the metrics so
+        exact_threshold=exact_threshold or max(DEFAULT_EXACT_THRESHOLD, len(g_rows)),
     )
     index_seconds = time.perf_counter() - t
     t = time.perf_counter()
@@ -301,27 +303,33 @@ def evaluate(
     query_ids = emb.ids[qu_rows]
     scores, cand = search(index, emb.matrix[qu_rows], k_eff)
     n_candidates = _write_candidates(rio.join(out, CANDIDATES_DIR), query_ids, scores, cand)
-    # leave-one-out neighbours of every gallery item: the open-set simulation and the
+    # leave-one-out neighbours of the gallery images the decision samples (at most
+    # decision.max_samples, held-out images first): the open-set simulation and the
     # re-ranking calibration
-    k_loo = min(k, len(g_rows) - 1)
-    if k_loo >= 1:
-        loo_scores, loo_ids = search(
-            index, emb.matrix[g_rows], k_loo, query_ids=gallery_ids, exclude_self=True
-        )
-    else:
-        loo_scores = np.full((len(g_rows), 1), -np.inf, dtype=np.float32)
-        loo_ids = np.full((len(g_rows), 1), None, dtype=object)
-    _write_candidates(rio.join(out, GALLERY_CANDIDATES_DIR), gallery_ids, loo_scores, loo_ids)
-    search_seconds = time.perf_counter() - t
-
-    # 3. the known-vs-new decision (gallery only) and the metrics
     if heldout_ids is None:
         from reid_ray.models import read_heldout_ids
 
         heldout_ids = read_heldout_ids(model_ref)
+    loo = np.arange(len(g_rows))
+    if len(loo) > decision_cfg.max_samples:
+        held = np.isin(gallery_ids, list(heldout_ids or ()))
+        loo = np.sort(draw_preferred(loo, decision_cfg.max_samples, held, decision_cfg.seed))
+    loo_ids_q = gallery_ids[loo]
+    k_loo = min(k, len(g_rows) - 1)
+    if k_loo >= 1:
+        loo_scores, loo_ids = search(
+            index, emb.matrix[g_rows[loo]], k_loo, query_ids=loo_ids_q, exclude_self=True
+        )
+    else:
+        loo_scores = np.full((len(loo), 1), -np.inf, dtype=np.float32)
+        loo_ids = np.full((len(loo), 1), None, dtype=object)
+    _write_candidates(rio.join(out, GALLERY_CANDIDATES_DIR), loo_ids_q, loo_scores, loo_ids)
+    search_seconds = time.perf_counter() - t
+
+    # 3. the known-vs-new decision (gallery only) and the metrics
     gallery_list = gallery_ids.tolist()
     samples = choose_samples(
-        pairs_from_matrix(gallery_ids, loo_scores, loo_ids),
+        pairs_from_matrix(loo_ids_q, loo_scores, loo_ids),
         gallery_list,
         identity_of,
         session_of=session_of,

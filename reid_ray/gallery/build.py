@@ -23,6 +23,7 @@ from reid_ray import parts as rparts
 from reid_ray.decide import (
     DecisionConfig,
     choose_samples,
+    draw_preferred,
     fit_confidence,
     fit_decision,
     pairs_from_matrix,
@@ -74,7 +75,6 @@ def fit_gallery_decision(
     plus the reviewers' confidence calibrator fitted on the same samples. Returns the
     decision record stored as the version's ``calibration.json``."""
     from reid_ray.index import search
-    from reid_ray.rerank.ranking import draw_preferred
 
     n = len(ids)
     if n < 3:

@@ -111,10 +111,10 @@ def _calibration_search(
     gallery: str, version: str, n: int, k: int, seed: int, heldout: Collection[str] | None = None
 ) -> pa.Table:
     """Leave-one-out candidates of a seeded sample of gallery images (runs as a Ray task)."""
+    from reid_ray.decide import draw_preferred
     from reid_ray.embed.store import table_to_matrix
     from reid_ray.gallery.store import open_version
     from reid_ray.index import load_index, search
-    from reid_ray.rerank.ranking import draw_preferred
 
     v = open_version(gallery, version)
     table = read_table(v, ["image_id", "identity", "embedding"])

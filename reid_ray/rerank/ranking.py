@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from reid_ray.decide.simulation import draw_preferred
 from reid_ray.errors import ConfigError
 from reid_ray.rerank.config import RerankConfig
 from reid_ray.rerank.fusion import FusionModel, order_within_queries
@@ -118,18 +119,6 @@ def select_calibration_pairs(
                 spread = np.linspace(0, len(rest) - 1, cfg.calibration_deep_negatives)
                 keep[rest[np.unique(spread.round().astype(int))]] = True
     return df[keep].reset_index(drop=True)
-
-
-def draw_preferred(items: np.ndarray, n: int, preferred_mask: np.ndarray, seed: int):
-    """``n`` of ``items`` (sorted, seeded): those where ``preferred_mask`` holds first (a
-    sample of them when there are more), the rest drawn from the others."""
-    rng = np.random.default_rng(seed)
-    chosen = items[preferred_mask]
-    if len(chosen) >= n:
-        return np.sort(rng.choice(chosen, size=n, replace=False))
-    rest = items[~preferred_mask]
-    fill = rng.choice(rest, size=min(n - len(chosen), len(rest)), replace=False)
-    return np.sort(np.concatenate([chosen, fill]))
 
 
 def apply_fusion(df, fusion: FusionModel, top_k: int) -> pa.Table:
