@@ -418,6 +418,7 @@ def _usage_line(exc) -> str:
 def main(args: list[str] | None = None) -> None:
     """The ``reid-ray`` entry point: every failure the user can fix is one line, exit 2."""
     from typer._click import exceptions as click_exceptions
+    from typer.exceptions import Abort
 
     from reid_ray import console
     from reid_ray.errors import user_message
@@ -430,7 +431,7 @@ def main(args: list[str] | None = None) -> None:
     except click_exceptions.UsageError as exc:
         console.error_line(_usage_line(exc))
         sys.exit(2)
-    except click_exceptions.Abort:
+    except Abort:
         console.error_line("aborted")
         sys.exit(1)
     except KeyboardInterrupt:

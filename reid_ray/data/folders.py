@@ -10,7 +10,9 @@ Two layouts:
 Images are found by content, not by extension: each file's first bytes are opened with
 PIL (a PNG named ``.jpg`` is an image, a text file named ``.jpg`` is not). Files that are
 not images, or whose header is corrupt, are not dropped: they are returned (and written)
-as errors with their reason. Local folders and ``s3://`` prefixes read the same way.
+as errors with their reason; an image cut short after its header is found when it is
+decoded (the embed stage's errors table). Local folders and ``s3://`` prefixes read the
+same way.
 """
 
 from __future__ import annotations
@@ -48,6 +50,18 @@ class FolderManifest:
     formats: dict[str, int] = field(default_factory=dict)
 
 
+#: signatures of the common formats: a file that starts like one but does not open is a
+#: corrupt image (its reason says so), not "not an image"
+SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+
+
 def sniff_image(head: bytes, read_all=None) -> str:
     """The image format of a file from its first bytes (``"JPEG"``, ``"PNG"``...), or raise
     ``ValueError`` with the reason it is not a usable image. ``read_all()`` returns the
@@ -73,6 +87,11 @@ def sniff_image(head: bytes, read_all=None) -> str:
             continue
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             continue
+    signature = next((name for magic, name in SIGNATURES if head.startswith(magic)), None)
+    if signature is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        signature = "WebP"
+    if signature is not None:
+        raise ValueError(f"corrupt {signature} file (its header does not read)")
     raise ValueError("not an image (unrecognised content)")
 
 
