@@ -20,7 +20,6 @@ from collections.abc import Callable
 import typer
 
 from reid_ray.console import HelpGuide
-from reid_ray.errors import ReidRayError
 
 app = typer.Typer(
     name="reid-ray",
@@ -421,7 +420,6 @@ def main(args: list[str] | None = None) -> None:
     from typer.exceptions import Abort
 
     from reid_ray import console
-    from reid_ray.errors import user_message
 
     try:
         code = click_command().main(args=args, prog_name="reid-ray", standalone_mode=False)
@@ -436,14 +434,9 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
-    except ReidRayError as exc:
-        console.error_line(user_message(exc) or str(exc))
-        sys.exit(2)
     except Exception as exc:
-        message = user_message(exc)
-        if message is None or console.verbose():
+        if not console.report_failure(exc):
             raise
-        console.error_line(message)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 

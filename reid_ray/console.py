@@ -245,15 +245,28 @@ def print_table(table: Any) -> None:
     if out.is_terminal:
         out.print(table)
         return
+    from rich.console import Console
+
     natural = out.measure(table, options=out.options.update_width(10_000)).maximum
-    out.print(table, width=max(out.width, natural), crop=False)
+    if natural <= out.width:
+        out.print(table)
+        return
+    # rich caps print(width=...) at the console's width: a console as wide as the table
+    Console(file=out.file, width=natural, color_system=None, highlight=False).print(table)
 
 
 def summary(title: str, rows: Iterable[tuple[str, Any]]) -> None:
     """Print a one-screen key/value summary."""
     from rich.table import Table
 
-    table = Table(title=title, show_header=False, box=None, pad_edge=False, title_justify="left")
+    table = Table(
+        title=title,
+        show_header=False,
+        box=None,
+        pad_edge=False,
+        title_justify="left",
+        min_width=len(title),
+    )
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
     for key, value in rows:
@@ -265,7 +278,7 @@ def metrics_table(title: str, header: list[str], rows: Iterable[Iterable[Any]]) 
     """Print a small table of figures (floats with 3 decimals)."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", min_width=len(title) + 4)
     for name in header:
         table.add_column(name)
     for row in rows:
@@ -455,22 +468,35 @@ def format_command_help(command: Any, ctx: Any, formatter: Any, guide: HelpGuide
                     formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
 
 
+def report_failure(exc: BaseException) -> bool:
+    """Print ``exc`` as one line on stderr when it is a failure the user can fix (a
+    ``ReidRayError``, a missing file or bucket, S3 credentials: see
+    :func:`reid_ray.errors.user_message`) and return True; False for anything else (a bug,
+    or any failure with ``--verbose``: the caller re-raises, so its traceback shows)."""
+    from reid_ray.errors import ReidRayError, user_message
+
+    message = user_message(exc)
+    if message is None or (verbose() and not isinstance(exc, ReidRayError)):
+        return False
+    error_line(message)
+    return True
+
+
 def run_as_job(command: Callable[..., Any]) -> None:
     """``python jobs/NAME.py --config F ...``: ``command`` (a typer-annotated function) as a
-    one-command app; a ``ReidRayError`` becomes one line on stderr and exit status 2."""
+    one-command app; a failure the user can fix becomes one line on stderr and exit 2."""
     import sys
 
     import typer
-
-    from reid_ray.errors import ReidRayError
 
     setup_logging()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(command)
     try:
         app()
-    except ReidRayError as exc:
-        error_line(str(exc))
+    except Exception as exc:
+        if not report_failure(exc):
+            raise
         sys.exit(2)
 
 
@@ -485,6 +511,7 @@ __all__ = [
     "print_table",
     "progress",
     "ray_log_path",
+    "report_failure",
     "route_ray_logs",
     "run_as_job",
     "setup_logging",
