@@ -272,7 +272,7 @@ GUIDE = HelpGuide(
         "demo": ("reid-ray demo --out demo-out --preset tiny",),
         "synth": ("reid-ray synth --out zoo --individuals 30 --images-per 8",),
         "manifest": (
-            "reid-ray manifest --images night-2026-12-08/ --out night-2026-12-08/manifest.csv",
+            "reid-ray manifest --images night/ --out night/manifest.csv",
             "reid-ray manifest --images s3://bucket/dogs/ --by-identity --out dogs.csv",
         ),
         "split": ("reid-ray split --manifest dogs.csv --out dogs-split.csv --seed 0",),
@@ -293,8 +293,9 @@ GUIDE = HelpGuide(
             "    --manifest zoo/metadata.csv --split zoo/split.csv --out runs/search",
         ),
         "rerank": (
-            "reid-ray rerank --candidates runs/search/candidates --manifest zoo/metadata.csv \\\n"
-            "    --extractor sift --matcher classical --out runs/rerank",
+            "reid-ray rerank --candidates runs/search/candidates \\\n"
+            "    --manifest zoo/metadata.csv --extractor sift --matcher classical \\\n"
+            "    --out runs/rerank",
         ),
         "train": (
             "reid-ray train --manifest dogs.csv --split dogs-split.csv \\\n"
@@ -305,7 +306,8 @@ GUIDE = HelpGuide(
             "reid-ray gallery build --manifest dogs.csv --model runs/train --out gallery",
         ),
         "identify": (
-            "reid-ray identify --gallery gallery --manifest night/manifest.csv --out night/run",
+            "reid-ray identify --gallery gallery --manifest night/manifest.csv \\\n"
+            "    --out night/run",
         ),
         "gallery merge": (
             "reid-ray gallery merge --gallery gallery --results night/run \\\n"
@@ -315,7 +317,8 @@ GUIDE = HelpGuide(
         "gallery rollback": ("reid-ray gallery rollback --gallery gallery --version v0002",),
         "al": (
             "reid-ray al --manifest zoo/metadata.csv --split zoo/split.csv \\\n"
-            "    --model timm:efficientnet_lite0 --sampler aas --budget 0.1% --out runs/al",
+            "    --model timm:efficientnet_lite0 --sampler aas --budget 0.1% \\\n"
+            "    --out runs/al",
         ),
         "sweep": ("reid-ray sweep --config jobs/configs/sweep_toyzoos.yaml --out runs/sweep",),
         "benchmark": (
