@@ -27,7 +27,13 @@ ProgressFn = Callable[[str, int, int], None]
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.serve")
 
-_state: dict[str, Any] = {"verbose": False, "log_file": None, "console": None, "file_handler": None}
+_state: dict[str, Any] = {
+    "verbose": False,
+    "log_file": None,
+    "console": None,
+    "file_handler": None,
+    "announced": None,  # the log file whose path was printed
+}
 
 
 def console():

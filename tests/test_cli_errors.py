@@ -163,3 +163,15 @@ def test_check_writable_on_s3_leaves_nothing_behind(s3_bucket):
     fs, bare = rio.filesystem(s3_bucket)
     fs.invalidate_cache()
     assert fs.find(bare) == []
+
+
+def test_ray_logs_are_named_once_ray_runs(ray_cluster, tmp_path, capsys):
+    from reid_ray import console
+
+    saved = dict(console._state)
+    try:
+        path = console.route_ray_logs(str(tmp_path / "logs" / "ray.log"))
+        console.route_ray_logs(None)  # init_ray calls it again after ray.init
+        assert capsys.readouterr().out.count(f"Ray logs: {path}") == 1
+    finally:
+        console._state.update(saved)
