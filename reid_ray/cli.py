@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import sys
-import types
 from collections.abc import Callable
 
 import typer
 
-from reid_ray.console import HelpGuide
+from reid_ray.helptext import VALUE_NAMES, HelpGuide
 
 app = typer.Typer(
     name="reid-ray",
@@ -326,59 +324,7 @@ GUIDE = HelpGuide(
             "    --set data_root=/data",
         ),
     },
-    metavars={
-        **dict.fromkeys(
-            (
-                "--manifest",
-                "--split",
-                "--config",
-                "--reviewed",
-                "--calibration",
-                "--fusion",
-                "--rerank-config",
-            ),
-            "FILE",
-        ),
-        **dict.fromkeys(
-            (
-                "--out",
-                "--embeddings",
-                "--index",
-                "--gallery",
-                "--results",
-                "--cache-dir",
-                "--annotate",
-                "--images",
-            ),
-            "DIR",
-        ),
-        "manifest --out": "FILE",
-        "split --out": "FILE",
-        "--candidates": "PATH",
-        "--model": "REF",
-        "--set": "KEY=VALUE",
-        "--version": "NAME",
-        "--budget": "B",
-        "--host": "ADDR",
-        "--night": "TAG",
-        "--splits": "NAMES",
-        **dict.fromkeys(
-            (
-                "--sampler",
-                "--oracle",
-                "--preset",
-                "--split-kind",
-                "--kind",
-                "--extractor",
-                "--matcher",
-                "--device",
-                "--precision",
-                "--decode-mode",
-                "--gpu",
-            ),
-            "NAME",
-        ),
-    },  # fmt: skip
+    metavars={**VALUE_NAMES, "manifest --out": "FILE", "split --out": "FILE"},
     notes={
         **dict.fromkeys(
             (("train", "--manifest"), ("train", "--model"), ("train", "--out")),
@@ -391,57 +337,20 @@ GUIDE = HelpGuide(
 )
 
 
-def _format_help(command, ctx, formatter) -> None:
-    from reid_ray.console import format_command_help
-
-    format_command_help(command, ctx, formatter, GUIDE)
-
-
 def click_command():
     """The click command tree of :data:`app`, every page rendered by :data:`GUIDE`."""
     import typer.main
 
-    root = typer.main.get_command(app)
-    todo = [root]
-    while todo:
-        command = todo.pop()
-        command.format_help = types.MethodType(_format_help, command)
-        todo.extend((getattr(command, "commands", None) or {}).values())
-    return root
+    from reid_ray.helptext import use_help_guide
 
-
-def _usage_line(exc) -> str:
-    """A click usage error as one line that names the help page."""
-    ctx = getattr(exc, "ctx", None)
-    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-    return f"{exc.format_message()}{where}"
+    return use_help_guide(typer.main.get_command(app), GUIDE)
 
 
 def main(args: list[str] | None = None) -> None:
     """The ``reid-ray`` entry point: every failure the user can fix is one line, exit 2."""
-    from typer._click import exceptions as click_exceptions
-    from typer.exceptions import Abort
+    from reid_ray.console import run_click
 
-    from reid_ray import console
-
-    try:
-        code = click_command().main(args=args, prog_name="reid-ray", standalone_mode=False)
-    except click_exceptions.NoArgsIsHelpError as exc:
-        print(exc.ctx.get_help())
-        sys.exit(0)
-    except click_exceptions.UsageError as exc:
-        console.error_line(_usage_line(exc))
-        sys.exit(2)
-    except Abort:
-        console.error_line("aborted")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:
-        if not console.report_failure(exc):
-            raise
-        sys.exit(2)
-    sys.exit(code if isinstance(code, int) else 0)
+    run_click(click_command(), args, prog_name="reid-ray")
 
 
 if __name__ == "__main__":

@@ -6,21 +6,22 @@ what a person sees, with the helpers here:
 
 * :func:`setup_logging` - reid-ray's INFO and everyone's warnings on the terminal.
 * :func:`route_ray_logs` - Ray's and Ray Data's own INFO logging into a log file (its
-  path printed once), warnings still on the terminal; ``--verbose`` shows everything.
+  path printed once Ray runs), warnings still on the terminal; ``--verbose`` shows
+  everything.
 * :func:`progress` - a rich progress display; yields ``update(stage, done, total)``, one
   bar per stage.
-* :func:`summary` - a one-screen key/value table.
+* :func:`summary`, :func:`metrics_table` - tables printed whole: cells wrap on a narrow
+  terminal and keep their width in a file or a pipe (a log holds every cell).
+* :func:`run_click`, :func:`report_failure` - how ``reid-ray`` and the jobs run: a failure
+  the user can fix is one line on stderr and exit status 2 (help pages: ``helptext``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
-import re
-import typing
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 ProgressFn = Callable[[str, int, int], None]
@@ -301,179 +302,6 @@ def error_line(message: str) -> None:
     print(f"{prefix} {text}", file=sys.stderr, flush=True)
 
 
-# --- help pages: plain text that reads the same at 80 columns, in a pipe and in a log ---
-
-#: a default stated in an option's help prose: "(default 10)", "(default: model's)"
-_PROSE_DEFAULT = re.compile(r"\s*\(default:?\s+((?:[^()]|\([^()]*\))+)\)")
-#: a default stated as a trailing "[512]"
-_BRACKET_DEFAULT = re.compile(r"\s*\[([^\[\]]+)\]\.?\s*$")
-#: what the default 0 means: "(0: automatic)"
-_ZERO_MEANS = re.compile(r"\s*\(0: ([^()]+)\)")
-
-
-@dataclasses.dataclass(frozen=True)
-class HelpGuide:
-    """What the help pages add to the commands' own text (kept in one table in cli.py).
-
-    ``summaries``: command path ("gallery build") -> one line for command lists;
-    ``examples``: command path -> example commands (continuation lines end with ``\\``); ``groups``: (heading, command names) for
-    the top-level list; ``metavars``: option name ("--out") -> the value's name ("DIR");
-    ``notes``: (command path, option) -> a requirement note ("required unless in --config").
-    """
-
-    summaries: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    examples: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
-    groups: Sequence[tuple[str, Sequence[str]]] = ()
-    metavars: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    notes: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
-
-
-def one_paragraph(text: str | None) -> str:
-    """A docstring's first paragraph as one line (its hard line breaks removed)."""
-    import inspect
-
-    text = inspect.cleandoc(text or "").partition("\f")[0]
-    return " ".join(text.split("\n\n")[0].split())
-
-
-def paragraphs(text: str | None) -> list[str]:
-    """A docstring's paragraphs, each as one line."""
-    import inspect
-
-    text = inspect.cleandoc(text or "").partition("\f")[0]
-    return [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
-
-
-def _plain(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, (list, tuple)):
-        return ", ".join(map(_plain, value))
-    return str(value)
-
-
-def _option_label(param: Any, metavars: Mapping[str, str], path: str = "") -> str:
-    """``--out DIR``, ``--flip``, ``--[no-]resume``, ``--on-ray / --here``."""
-    opts = list(getattr(param, "opts", []))
-    secondary = list(getattr(param, "secondary_opts", []))
-    longs = [o for o in opts if o.startswith("--")] or opts
-    shorts = [o for o in opts if not o.startswith("--")]
-    name = longs[0]
-    if getattr(param, "is_flag", False):
-        if secondary:
-            other = secondary[0]
-            if other == "--no-" + name[2:]:
-                # off by default: the flag alone says it; otherwise both spellings matter
-                name = name if param.default is False else f"--[no-]{name[2:]}"
-            else:
-                name = f"{name} / {other}"
-        return ", ".join([*shorts, name])
-    if getattr(param, "param_type_name", "") == "argument":
-        return (param.metavar or param.name).upper()
-    metavar = param.metavar or metavars.get(f"{path} {name}".strip()) or metavars.get(name)
-    if metavar is None:
-        descriptor = getattr(param, "type_descriptor", None)
-        choices = getattr(descriptor, "choices", None) if descriptor is not None else None
-        annotation = getattr(descriptor, "annotation", str)
-        args = typing.get_args(annotation)
-        element = args[0] if typing.get_origin(annotation) is list and args else annotation
-        if choices:
-            metavar = "|".join(str(getattr(c, "value", c)) for c in choices)
-        else:
-            metavar = {int: "N", float: "X", bool: "BOOL"}.get(element, "TEXT")
-    return ", ".join([*shorts, f"{name} {metavar}"])
-
-
-def _option_text(param: Any, note: str | None) -> str:
-    """The option's help as one paragraph with one bracket: default, range, requirement."""
-    text = " ".join((param.help or "").split())
-    default = param.default
-    shown: str | None = None
-    if match := _PROSE_DEFAULT.search(text):
-        shown, text = match.group(1).strip(), _PROSE_DEFAULT.sub("", text, count=1)
-    elif default in (None, "", ()) and (match := _BRACKET_DEFAULT.search(text)):
-        shown, text = match.group(1).strip(), _BRACKET_DEFAULT.sub("", text, count=1)
-    elif default == 0 and not isinstance(default, bool) and (match := _ZERO_MEANS.search(text)):
-        shown, text = f"0 = {match.group(1).strip()}", _ZERO_MEANS.sub("", text, count=1)
-    text = re.sub(r"\s+([.;,])", r"\1", text).strip()
-    extra = []
-    if getattr(param, "is_flag", False):
-        if shown is None and default is True:
-            shown = "on"
-    elif shown is None and default not in (None, "", (), []) and not callable(default):
-        shown = _plain(default)
-    if shown is not None:
-        extra.append(f"default: {shown}")
-    low, high = getattr(param, "min", None), getattr(param, "max", None)
-    if low is not None and high is not None:
-        extra.append(f"{_plain(low)} to {_plain(high)}")
-    elif low is not None:
-        extra.append(f">= {_plain(low)}")
-    elif high is not None:
-        extra.append(f"<= {_plain(high)}")
-    if note:
-        extra.append(note)
-    elif getattr(param, "required", False):
-        extra.append("required")
-    return f"{text} [{'; '.join(extra)}]" if extra else text
-
-
-def format_command_help(command: Any, ctx: Any, formatter: Any, guide: HelpGuide) -> None:
-    """Write ``command``'s help page into the click ``formatter``: usage, one paragraph per
-    docstring paragraph, options (required first) with one bracket each, sub-commands
-    with one-line summaries, then examples. No boxes, no type noise, nothing cut off."""
-    path = " ".join(ctx.command_path.split()[1:])
-    command.format_usage(ctx, formatter)
-    for paragraph in paragraphs(command.help):
-        formatter.write_paragraph()
-        with formatter.indentation():
-            formatter.write_text(paragraph)
-    params = [p for p in command.get_params(ctx) if not getattr(p, "hidden", False)]
-    arguments = [p for p in params if getattr(p, "param_type_name", "") == "argument"]
-    options = [p for p in params if getattr(p, "param_type_name", "") == "option"]
-    options.sort(key=lambda p: not (p.required or (path, p.opts[0]) in guide.notes))
-    for title, group in (("Arguments", arguments), ("Options", options)):
-        rows = [
-            (
-                _option_label(p, guide.metavars, path),
-                _option_text(p, guide.notes.get((path, p.opts[0]))),
-            )
-            for p in group
-        ]
-        if rows:
-            with formatter.section(title):
-                formatter.write_dl(rows, col_max=26)
-    subcommands = getattr(command, "commands", None) or {}
-    if subcommands:
-
-        def summary_of(name: str) -> str:
-            key = f"{path} {name}".strip()
-            return guide.summaries.get(key) or one_paragraph(subcommands[name].help)
-
-        visible = [n for n, c in subcommands.items() if not getattr(c, "hidden", False)]
-        sections = (
-            [] if path else [(h, [n for n in names if n in visible]) for h, names in guide.groups]
-        )
-        listed = {n for _, names in sections for n in names}
-        rest = [n for n in visible if n not in listed]
-        if rest:
-            sections.append(("Commands" if not sections else "Other commands", rest))
-        for heading, names in sections:
-            if names:
-                with formatter.section(heading):
-                    formatter.write_dl([(n, summary_of(n)) for n in names], col_max=12)
-        formatter.write_paragraph()
-        formatter.write_text(
-            f"Run '{ctx.command_path} COMMAND --help' for its options and an example."
-        )
-    examples = guide.examples.get(path) or ()
-    if examples:
-        with formatter.section("Example" if len(examples) == 1 else "Examples"):
-            for example in examples:  # one command each; continuation lines end with "\\"
-                for line in example.splitlines():
-                    formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
-
-
 def report_failure(exc: BaseException) -> bool:
     """Print ``exc`` as one line on stderr when it is a failure the user can fix (a
     ``ReidRayError``, a missing file or bucket, S3 credentials: see
@@ -488,38 +316,66 @@ def report_failure(exc: BaseException) -> bool:
     return True
 
 
-def run_as_job(command: Callable[..., Any]) -> None:
-    """``python jobs/NAME.py --config F ...``: ``command`` (a typer-annotated function) as a
-    one-command app; a failure the user can fix becomes one line on stderr and exit 2."""
+def run_click(command: Any, args: Sequence[str] | None = None, *, prog_name: str) -> None:
+    """Run a click command as a program: a usage error or a failure the user can fix is
+    one line on stderr and exit status 2 (see :func:`report_failure`); anything else keeps
+    its traceback. Never returns."""
     import sys
 
-    import typer
+    from typer._click import exceptions as click_exceptions
+    from typer.exceptions import Abort
 
-    setup_logging()
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
     try:
-        app()
+        code = command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help())
+        sys.exit(0)
+    except click_exceptions.UsageError as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        error_line(f"{exc.format_message()}{where}")
+        sys.exit(2)
+    except Abort:
+        error_line("aborted")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
     except Exception as exc:
         if not report_failure(exc):
             raise
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def run_as_job(command: Callable[..., Any]) -> None:
+    """``python jobs/NAME.py --config F ...``: ``command`` (a typer-annotated function) as a
+    one-command program, with the CLI's help pages and one-line failures (exit 2)."""
+    import sys
+
+    import typer
+    import typer.main
+
+    from reid_ray.helptext import HelpGuide, use_help_guide
+
+    setup_logging()
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    root = use_help_guide(typer.main.get_command(app), HelpGuide())
+    run_click(root, prog_name=f"python {sys.argv[0]}")
 
 
 __all__ = [
     "ProgressFn",
-    "HelpGuide",
     "console",
     "error_line",
-    "format_command_help",
     "metrics_table",
-    "one_paragraph",
     "print_table",
     "progress",
     "ray_log_path",
     "report_failure",
     "route_ray_logs",
     "run_as_job",
+    "run_click",
     "setup_logging",
     "stage_progress",
     "summary",
