@@ -130,3 +130,23 @@ def test_bad_arguments_fail_fast_with_one_clear_message(tmp_path):
     )
     assert result.returncode == 2
     assert "timm:resnet18" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tables_written_to_a_log_keep_every_cell(tmp_path):
+    """Into a pipe or a file rich would cut a table to 80 columns (``┃ rou… ┃``)."""
+    header = ["round", "annotations", "top-1", "top-5", "mAP", "NMI", "ARI", "pseudo-labels",
+              "clusters", "train seconds", "evaluate seconds"]  # fmt: skip
+    script = (
+        "from reid_ray.console import metrics_table, summary\n"
+        f"metrics_table('al rounds', {header!r}, [[1, 120, 0.5, 0.7, 0.41, 0.8, 0.6, 300, 45,"
+        " 123.4, 56.7]])\n"
+        "summary('evaluate', [('output', '/a/long/path/' * 12)])\n"
+    )
+    env = dict(os.environ, COLUMNS="80")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    for name in header:
+        assert f" {name} " in result.stdout
+    assert "/a/long/path/" * 12 in result.stdout
