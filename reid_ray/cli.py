@@ -145,8 +145,14 @@ def manifest_command(
     per individual with --by-identity. Files are recognised as images by their content, not
     their extension; the others are listed with their reason, not dropped."""
     from reid_ray import console
-    from reid_ray.data.folders import errors_path_for, scan_folder, write_folder_manifest
+    from reid_ray.data.folders import (
+        check_manifest_out,
+        errors_path_for,
+        scan_folder,
+        write_folder_manifest,
+    )
 
+    check_manifest_out(out)  # before reading thousands of files
     with console.progress() as update:
         scan = scan_folder(
             images,
@@ -162,8 +168,9 @@ def manifest_command(
     ]  # fmt: skip
     if by_identity:
         identities = scan.frame["identity"]
-        rows.append(("identities", f"{identities[identities != ''].nunique()} "
-                     f"({int((identities == '').sum())} images directly under the folder: unknown)"))  # fmt: skip
+        loose = int((identities == "").sum())
+        note = f" ({loose} images directly under --images: identity unknown)" if loose else ""
+        rows.append(("identities", f"{identities[identities != ''].nunique()}{note}"))
     reasons = scan.errors["reason"].value_counts()
     rows.append(("not images", f"{len(scan.errors)}" + "".join(
         f"; {n} {reason}" for reason, n in reasons.head(3).items())))  # fmt: skip
@@ -202,8 +209,10 @@ def split_command(
 
     frame = read_manifest(manifest).to_pandas()
     if frame["identity"].isna().all():
-        raise ConfigError(f"{manifest} has no identities: a split needs labelled images "
-                          "(reid-ray manifest --by-identity for a folder per individual)")  # fmt: skip
+        raise ConfigError(
+            f"{manifest} has no identities: a split needs labelled images "
+            "(reid-ray manifest --by-identity for a folder per individual)"
+        )
     split = make_split(frame, kind=kind, seed=seed, train_fraction=train_fraction,
                        val_fraction=val_fraction, unknown_fraction=unknown_fraction,
                        queries_per_identity=queries_per_identity)  # fmt: skip

@@ -84,9 +84,10 @@ class HelpGuide:
     """What the help pages add to the commands' own text (kept in one table in cli.py).
 
     ``summaries``: command path ("gallery build") -> one line for command lists;
-    ``examples``: command path -> example commands (continuation lines end with ``\\``); ``groups``: (heading, command names) for
-    the top-level list; ``metavars``: option name ("--out") -> the value's name ("DIR");
-    ``notes``: (command path, option) -> a requirement note ("required unless in --config").
+    ``examples``: command path -> example commands (continuation lines end with ``\\``);
+    ``groups``: (heading, command names) for the top-level list; ``metavars``: option
+    ("--out") or command and option ("split --out") -> the value's name ("DIR");
+    ``notes``: (command path, option) -> a requirement note ("required, or in --config").
     """
 
     summaries: Mapping[str, str] = dataclasses.field(default_factory=dict)

@@ -128,7 +128,8 @@ def scan_folder(
     ``image_id`` is the path below ``root`` (unique and stable across reruns); ``path`` is
     the full path (local or ``s3://``). With ``by_identity`` the first sub-folder names the
     identity; images directly under ``root`` are kept with an empty (unknown) identity.
-    ``exclude``: full paths to skip (the manifest being written). ``progress(done, total)`` is called as files are read.
+    ``exclude``: full paths to skip (the manifest being written). ``progress(done, total)``
+    is called as files are read.
     """
     files, root_path = _list_files(root)
     skip = {os.path.abspath(p) if not rio.is_remote(p) else p for p in exclude}
@@ -191,12 +192,17 @@ def errors_path_for(manifest_path: str) -> str:
     return f"{stem}.errors.csv"
 
 
+def check_manifest_out(out: str) -> None:
+    """The manifest written from a folder is a CSV file: anything else is a ConfigError."""
+    if not str(out).lower().endswith(".csv"):
+        raise ConfigError(f"--out names the manifest file to write, a .csv: got {out}")
+
+
 def write_folder_manifest(scan: FolderManifest, out: str) -> str:
     """Write ``scan`` as the CSV manifest ``out`` (paths relative to its folder when the
     images sit below it, so the folder can move) and its errors next to it; atomically.
     Returns the errors file's path."""
-    if not out.lower().endswith(".csv"):
-        raise ConfigError(f"--out names the manifest file to write, a .csv: got {out}")
+    check_manifest_out(out)
     frame = scan.frame.copy()
     base = rio.dirname(out)
     if not rio.is_remote(out) and not rio.is_remote(scan.root):
@@ -211,6 +217,7 @@ def write_folder_manifest(scan: FolderManifest, out: str) -> str:
 
 __all__ = [
     "FolderManifest",
+    "check_manifest_out",
     "errors_path_for",
     "scan_folder",
     "sniff_image",
