@@ -4,6 +4,9 @@ Every stage declares its settings as a frozen dataclass (nested dataclasses for
 sub-sections) and reads them with :func:`load_config`. The loader
 
 * reads a mapping, a YAML/JSON file (local or ``s3://``), or nothing (the defaults);
+* fills ``${name}`` placeholders in a file's values (``${data_root}``) from a
+  ``--set name=VALUE`` override or the environment variable ``NAME`` (:func:`substitute`),
+  and fails with one clear message when a placeholder has no value;
 * applies overrides: a dict (``None`` values ignored, so an unset CLI option keeps the
   file's value), dotted keys (``{"loss.margin": 0.4}``) or ``KEY=VALUE`` strings
   (``["train.epochs=3"]``, values parsed as YAML scalars);
@@ -17,6 +20,7 @@ sub-sections) and reads them with :func:`load_config`. The loader
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -122,13 +126,77 @@ def load_config(
         )
     if section and set(data) == {section} and isinstance(data[section], Mapping):
         data = dict(data[section])
-    data = merge(data, parse_overrides(overrides))
+    changes = parse_overrides(overrides)
+    if isinstance(source, str):
+        data = substitute(data, _take_variables(data, changes, cls), where=source)
+    data = merge(data, changes)
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
         if isinstance(source, str):
             raise ConfigError(f"{source}: {exc}") from None
         raise
+
+
+#: a placeholder in a config file's values: ``${data_root}/dogfacenet/metadata.csv``
+PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def placeholders(data: Any) -> set[str]:
+    """The ``${name}`` placeholders used anywhere in ``data``'s string values."""
+    if isinstance(data, Mapping):
+        return set().union(*map(placeholders, data.values()))
+    if isinstance(data, (list, tuple)):
+        return set().union(*map(placeholders, data))
+    return set(PLACEHOLDER.findall(data)) if isinstance(data, str) else set()
+
+
+def _take_variables(data: Mapping[str, Any], changes: dict[str, Any], cls: type) -> dict[str, str]:
+    """Values for the file's placeholders: a ``--set name=VALUE`` override (taken out of
+    ``changes``: it names no setting), else the environment variable ``NAME``."""
+    import os
+
+    from reid_ray import io as rio
+
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    values = {}
+    for name in placeholders(data):
+        if name in changes and name not in fields:
+            values[name] = str(changes.pop(name))
+        elif os.environ.get(name.upper()):
+            values[name] = os.environ[name.upper()]
+        else:
+            continue
+        if name.endswith(("_root", "_dir")) and not rio.is_remote(values[name]):
+            # a folder named relative to where the user is, not to the config file
+            values[name] = os.path.abspath(os.path.expanduser(values[name]))
+    return values
+
+
+def substitute(data: Any, values: Mapping[str, str], *, where: str = "") -> Any:
+    """``data`` with every ``${name}`` replaced by ``values[name]``; a placeholder left
+    without a value is a :class:`ConfigError` that says how to give one.
+
+    This is how shipped configs name a user's folders: ``${data_root}/dogfacenet`` reads
+    ``--set data_root=/data`` or ``DATA_ROOT=/data``."""
+    missing = sorted(placeholders(data) - set(values))
+    if missing:
+        name = missing[0]
+        raise ConfigError(
+            f"{where or 'the config'} needs {name} (it uses ${{{name}}}): give it with "
+            f"--set {name}=/path/to/folder or the environment variable {name.upper()}"
+        )
+
+    def replace_in(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: replace_in(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [replace_in(v) for v in value]
+        if isinstance(value, str):
+            return PLACEHOLDER.sub(lambda m: values[m.group(1)].rstrip("/"), value)
+        return value
+
+    return replace_in(data)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -284,7 +352,9 @@ __all__ = [
     "merge",
     "nest",
     "parse_overrides",
+    "placeholders",
     "read_config_file",
     "replace",
+    "substitute",
     "to_dict",
 ]

@@ -6,10 +6,14 @@ what a person sees, with the helpers here:
 
 * :func:`setup_logging` - reid-ray's INFO and everyone's warnings on the terminal.
 * :func:`route_ray_logs` - Ray's and Ray Data's own INFO logging into a log file (its
-  path printed once), warnings still on the terminal; ``--verbose`` shows everything.
+  path printed once Ray runs), warnings still on the terminal; ``--verbose`` shows
+  everything.
 * :func:`progress` - a rich progress display; yields ``update(stage, done, total)``, one
   bar per stage.
-* :func:`summary` - a one-screen key/value table.
+* :func:`summary`, :func:`metrics_table` - tables printed whole: cells wrap on a narrow
+  terminal and keep their width in a file or a pipe (a log holds every cell).
+* :func:`run_click`, :func:`report_failure` - how ``reid-ray`` and the jobs run: a failure
+  the user can fix is one line on stderr and exit status 2 (help pages: ``helptext``).
 """
 
 from __future__ import annotations
@@ -17,14 +21,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 ProgressFn = Callable[[str, int, int], None]
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.serve")
 
-_state: dict[str, Any] = {"verbose": False, "log_file": None, "console": None, "file_handler": None}
+_state: dict[str, Any] = {
+    "verbose": False,
+    "log_file": None,
+    "console": None,
+    "file_handler": None,
+    "announced": None,  # the log file whose path was printed
+}
 
 
 def console():
@@ -34,6 +44,11 @@ def console():
     if _state["console"] is None:
         _state["console"] = Console()
     return _state["console"]
+
+
+def verbose() -> bool:
+    """Whether ``--verbose`` was given (tracebacks and Ray's logs stay on the terminal)."""
+    return bool(_state["verbose"])
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -107,7 +122,7 @@ def route_ray_logs(log_file: str | None) -> str | None:
 
     ``ray.init`` drops the handlers of the ``ray`` logger: :func:`reid_ray.runtime.init_ray`
     calls this again afterwards (``log_file`` None re-applies the current file). The path
-    is printed once. Returns the file used.
+    is printed once, on the first call after Ray has started. Returns the file used.
     """
     if _state["verbose"]:
         return None
@@ -119,7 +134,7 @@ def route_ray_logs(log_file: str | None) -> str | None:
     path = os.path.abspath(log_file)
     # Ray and Ray Data install their terminal handlers on import: import them first, so
     # the handlers exist when they are turned down to warnings below
-    import ray  # noqa: F401
+    import ray
     import ray.data  # noqa: F401
 
     file_handler = _state.get("file_handler")
@@ -159,10 +174,12 @@ def route_ray_logs(log_file: str | None) -> str | None:
         lg = logging.getLogger(name)
         lg.filters = [f for f in lg.filters if not isinstance(f, _ToFileOnly)]
         lg.addFilter(_ToFileOnly(file_handler))
-    first = _state["log_file"] != path
     _state["log_file"], _state["file_handler"] = path, file_handler
-    if first:
-        console().print(f"[dim]Ray logs: {path}[/dim]", highlight=False)
+    # named once Ray runs (init_ray calls this again after ray.init): a command that
+    # fails before Ray starts has no Ray log to point at
+    if ray.is_initialized() and _state.get("announced") != path:
+        _state["announced"] = path
+        console().print(f"[dim]Ray logs: {path}[/dim]", highlight=False, soft_wrap=True)
     return path
 
 
@@ -225,57 +242,140 @@ def stage_progress(update: ProgressFn | None, stage: str) -> Callable[[int, int]
     return lambda done, total: update(stage, done, total)
 
 
+def print_table(table: Any) -> None:
+    """Print a rich table whole. On a terminal narrower than the table, cells wrap (never
+    ``rou…``); into a file or a pipe it keeps its natural width, so a log holds every cell
+    (rich would cut it to 80 columns)."""
+    out = console()
+    for column in table.columns:
+        column.overflow = "fold"
+    if out.is_terminal:
+        out.print(table)
+        return
+    from rich.console import Console
+
+    natural = out.measure(table, options=out.options.update_width(10_000)).maximum
+    if natural <= out.width:
+        out.print(table)
+        return
+    # rich caps print(width=...) at the console's width: a console as wide as the table
+    Console(file=out.file, width=natural, color_system=None, highlight=False).print(table)
+
+
 def summary(title: str, rows: Iterable[tuple[str, Any]]) -> None:
     """Print a one-screen key/value summary."""
     from rich.table import Table
 
-    table = Table(title=title, show_header=False, box=None, pad_edge=False, title_justify="left")
-    table.add_column(style="bold")
+    table = Table(
+        title=title,
+        show_header=False,
+        box=None,
+        pad_edge=False,
+        title_justify="left",
+        min_width=len(title),
+    )
+    table.add_column(style="bold", no_wrap=True)
     table.add_column()
     for key, value in rows:
         table.add_row(str(key), "-" if value is None else str(value))
-    console().print(table)
+    print_table(table)
 
 
 def metrics_table(title: str, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
     """Print a small table of figures (floats with 3 decimals)."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", min_width=len(title) + 4)
     for name in header:
         table.add_column(name)
     for row in rows:
         table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
-    console().print(table)
+    print_table(table)
+
+
+def error_line(message: str) -> None:
+    """One line on stderr, never wrapped (a log keeps it whole; a terminal folds it)."""
+    import sys
+
+    text = " ".join(str(message).split())
+    prefix = "\033[1;31merror:\033[0m" if sys.stderr.isatty() else "error:"
+    print(f"{prefix} {text}", file=sys.stderr, flush=True)
+
+
+def report_failure(exc: BaseException) -> bool:
+    """Print ``exc`` as one line on stderr when it is a failure the user can fix (a
+    ``ReidRayError``, a missing file or bucket, S3 credentials: see
+    :func:`reid_ray.errors.user_message`) and return True; False for anything else (a bug,
+    or any failure with ``--verbose``: the caller re-raises, so its traceback shows)."""
+    from reid_ray.errors import ReidRayError, user_message
+
+    message = user_message(exc)
+    if message is None or (verbose() and not isinstance(exc, ReidRayError)):
+        return False
+    error_line(message)
+    return True
+
+
+def run_click(command: Any, args: Sequence[str] | None = None, *, prog_name: str) -> None:
+    """Run a click command as a program: a usage error or a failure the user can fix is
+    one line on stderr and exit status 2 (see :func:`report_failure`); anything else keeps
+    its traceback. Never returns."""
+    import sys
+
+    from typer._click import exceptions as click_exceptions
+    from typer.exceptions import Abort
+
+    try:
+        code = command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help())
+        sys.exit(0)
+    except click_exceptions.UsageError as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        error_line(f"{exc.format_message()}{where}")
+        sys.exit(2)
+    except Abort:
+        error_line("aborted")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        if not report_failure(exc):
+            raise
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def run_as_job(command: Callable[..., Any]) -> None:
     """``python jobs/NAME.py --config F ...``: ``command`` (a typer-annotated function) as a
-    one-command app; a ``ReidRayError`` becomes one line on stderr and exit status 2."""
+    one-command program, with the CLI's help pages and one-line failures (exit 2)."""
     import sys
 
     import typer
+    import typer.main
 
-    from reid_ray.errors import ReidRayError
+    from reid_ray.helptext import HelpGuide, use_help_guide
 
     setup_logging()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(command)
-    try:
-        app()
-    except ReidRayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    root = use_help_guide(typer.main.get_command(app), HelpGuide())
+    run_click(root, prog_name=f"python {sys.argv[0]}")
 
 
 __all__ = [
     "ProgressFn",
     "console",
+    "error_line",
     "metrics_table",
+    "print_table",
     "progress",
     "ray_log_path",
+    "report_failure",
     "route_ray_logs",
     "run_as_job",
+    "run_click",
     "setup_logging",
     "stage_progress",
     "summary",

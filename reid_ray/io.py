@@ -99,6 +99,42 @@ def makedirs(path: str) -> None:
         fs.makedirs(bare, exist_ok=True)
 
 
+def check_writable(path: str, what: str = "--out") -> None:
+    """Fail fast, before any work, when the folder ``path`` cannot be written: a missing
+    bucket, refused credentials or a read-only folder end a job at its last step
+    otherwise. Locally the folder is created; on an object store a probe object is
+    written and removed. Raises :class:`~reid_ray.errors.StorageError` (one line)."""
+    from reid_ray.errors import StorageError, user_message
+
+    path = str(path)
+    try:
+        fs, bare = filesystem(path)
+        if not is_remote(path):
+            if os.path.exists(bare) and not os.path.isdir(bare):
+                raise StorageError(f"{what} {path} is a file, not a folder")
+            os.makedirs(bare, exist_ok=True)
+            if not os.access(bare, os.W_OK):
+                raise StorageError(f"{what} {path}: permission denied (folder not writable)")
+            return
+        bucket = bare.split("/", 1)[0]
+        if not fs.exists(bucket):
+            raise StorageError(
+                f"{what} {path}: bucket {bucket!r} not found (create it, or check the path and "
+                "AWS_ENDPOINT_URL)"
+            )
+        probe = posixpath.join(bare, f".reid-ray-write-test-{uuid.uuid4().hex[:8]}")
+        with fs.open(probe, "wb") as f:
+            f.write(b"")
+        fs.rm(probe)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any storage failure becomes one line
+        message = user_message(exc)
+        if message is None:
+            raise
+        raise StorageError(f"{what} {path} cannot be written: {message}") from exc
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` so that readers see the old file or the whole new one, never half.
 

@@ -1,5 +1,7 @@
-"""Manifests, split files and images: reading, validating, decoding (local paths and s3://)."""
+"""Manifests, split files and images: reading, validating, decoding (local paths and s3://);
+a manifest from a folder of images (``folders``)."""
 
+from reid_ray.data.folders import scan_folder, write_folder_manifest
 from reid_ray.data.images import crop_bbox, decode_image, load_image, resize_image
 from reid_ray.data.manifest import (
     ERRORS_SCHEMA,
@@ -29,6 +31,8 @@ __all__ = [
     "read_manifest",
     "read_split",
     "resize_image",
+    "scan_folder",
     "validate_manifest",
+    "write_folder_manifest",
     "write_split",
 ]

@@ -153,6 +153,12 @@ def _read_frame(path: str) -> pd.DataFrame:
     fs, bare = rio.filesystem(path)
     if not fs.exists(bare):
         raise ManifestError(f"manifest not found: {path}")
+    if fs.isdir(bare):
+        raise ManifestError(
+            f"manifest {path} is a folder, not a CSV or Parquet file: for a folder of images "
+            f"write one first with `reid-ray manifest --images {path} --out "
+            f"{rio.join(path, 'manifest.csv')}`"
+        )
     lower = path.lower()
     try:
         with fs.open(bare, "rb") as f:

@@ -137,6 +137,8 @@ def open_version(root: str, name: str | None = None) -> GalleryVersion:
 def history(root: str) -> list[dict[str, Any]]:
     """Every complete version, oldest first, with what produced it; ``current`` marked."""
     current = open_version(root).name if is_gallery(root) else None
+    if current is None and not _version_dirs(root):
+        open_version(root)  # not a gallery at all: its one-line error, not an empty history
     out = []
     for name in _version_dirs(root):
         path = rio.join(root, VERSIONS_DIR, name, VERSION_FILE)
