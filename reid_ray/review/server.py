@@ -39,6 +39,8 @@ class ServerLock:
     """``DIR/review.lock`` holding this process's id: one review server per night (a lock
     left by a process that is gone is taken over). Local folders only."""
 
+    path: str | None
+
     def __init__(self, results_dir: str):
         self.path = None if rio.is_remote(results_dir) else rio.join(results_dir, LOCK_NAME)
         if self.path is None:
@@ -52,7 +54,7 @@ class ServerLock:
                     pid = int(open(self.path).read().strip() or 0)
                 except (OSError, ValueError):
                     pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
+                if pid and _alive(pid):  # this process too: a second server in it
                     raise ConfigError(
                         f"another review server (process {pid}) is serving {results_dir}: "
                         f"use its page, or stop it (or remove {self.path} if it is gone)"
