@@ -31,7 +31,9 @@ pytestmark = pytest.mark.slow
 def _cfg():
     from reid_ray.gallery import load_nightly_config
 
-    return load_nightly_config({"embed": {"image_size": 64}, "night": "n1", "calibration": {"k": 10}})
+    return load_nightly_config(
+        {"embed": {"image_size": 64}, "night": "n1", "calibration": {"k": 10}}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +211,9 @@ def test_review_two_sittings_two_writers_every_decision_then_merge(night, tmp_pa
     check = _cli("review", "--results", out, "--check")
     assert check.returncode == 0, check.stderr
     assert f"{len(items) - 1} accepted (1 as new individuals), 1 rejected" in check.stdout
-    merged = _cli("gallery", "merge", "--gallery", gallery, "--results", out, "--reviewed", reviewed)
+    merged = _cli(
+        "gallery", "merge", "--gallery", gallery, "--results", out, "--reviewed", reviewed
+    )
     assert merged.returncode == 0, merged.stderr
     v = open_version(gallery)
     assert v.name == "v0002" and v.info["counts"]["added"] == len(items) - 1
@@ -248,3 +252,46 @@ def test_next_name_follows_the_top_candidates_series():
     assert next_name(taken, "zebra") == "sp0-ind006"  # the most common series
     assert next_name(taken | {"sp1-ind003"}, "sp1-ind000") == "sp1-ind004"
     assert next_name({"Stripes", "Dot"}) is None
+
+
+def test_crop_keeps_the_box_and_a_margin_at_the_asked_height():
+    import io
+
+    from PIL import Image
+
+    from reid_ray.errors import ImageError
+    from reid_ray.review.images import crop_jpeg
+
+    img = Image.new("RGB", (400, 200), (0, 0, 255))
+    img.paste((255, 0, 0), (100, 50, 200, 150))  # a red 100x100 box in a blue image
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    out = Image.open(io.BytesIO(crop_jpeg(buf.getvalue(), [100, 50, 100, 100], height=220)))
+    assert out.size == (220, 220)  # the box, 5% margin each side, scaled to 220 px
+    r, g, b = out.getpixel((110, 110))
+    assert r > 200 and b < 60
+    assert out.getpixel((2, 2))[2] > 150  # the margin shows the surroundings
+    whole = Image.open(io.BytesIO(crop_jpeg(buf.getvalue(), None, height=100)))
+    assert whole.size == (200, 100)
+    with pytest.raises(ImageError, match="not a readable image"):
+        crop_jpeg(b"not an image", None)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (headless)")
+def test_page_renders_in_a_headless_browser(night, tmp_path):
+    """The page's script runs in a real browser: the progress line and the query card."""
+    from reid_ray.review.server import ReviewServer
+
+    out = str(tmp_path / "n1")
+    shutil.copytree(night["out"], out)
+    server = ReviewServer(out)
+    try:
+        dom = subprocess.run(
+            ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu",
+             "--virtual-time-budget=15000", "--dump-dom", server.url],
+            capture_output=True, text=True, timeout=180,
+        ).stdout  # fmt: skip
+    finally:
+        server.stop()
+    assert f"0 of {night['n_night']} reviewed" in dom
+    assert 'alt="query"' in dom and "Failed images (1)" in dom

@@ -13,6 +13,8 @@ main{padding:1em 1.2em}
 .card{background:#fff;border:3px solid #ddd;border-radius:6px;padding:6px;text-align:center}
 .card img{height:300px;display:block;margin:auto;background:#eee}
 .card.query{border-color:#24323f}
+.more{margin-top:10px;align-items:center}.more .card img{height:120px}.more .meta{font-size:.8em}
+.moretitle{color:#666;font-size:.9em;width:6em}
 .card.chosen{border-color:#2a9d2a;box-shadow:0 0 0 3px #2a9d2a55}
 .card .key{display:inline-block;background:#24323f;color:#fff;border-radius:3px;padding:0 .45em;
   font-weight:bold;margin-right:.3em}
@@ -40,7 +42,7 @@ kbd{background:#eee;border:1px solid #bbb;border-bottom-width:2px;border-radius:
 <header><h1 id="title">review</h1><div id="bar"><div></div></div><div id="progress"></div></header>
 <main>
 <div id="proposal"></div>
-<div class="row" id="cards"></div>
+<div id="cards"></div>
 <div id="keys">
  <button onclick="decide('top')"><kbd>Enter</kbd> accept top candidate</button>
  <span><kbd>1</kbd>-<kbd>9</kbd> choose candidate N</span>
@@ -105,6 +107,7 @@ function render() {
   let html = '<div class="card query"><img src="image?kind=night&id=' + enc(it.image_id) +
     '" alt="query"><div class="meta"><b>query</b><br>' + esc(it.image_id) + '</div></div>';
   for (const c of it.candidates) {
+    if (c.n === 4) html += '</div><div class="row more"><div class="moretitle">more candidates</div>';
     const isChosen = d && ((d.action === 'top' && c.n === 1) ||
       (d.action === 'candidate' && d.candidate === c.n));
     html += '<div class="card' + (isChosen ? ' chosen' : '') + '" onclick="pick(' + c.n +
@@ -117,7 +120,7 @@ function render() {
       ');event.stopPropagation();return false">matches</a>' : '') + '</div></div>';
   }
   if (!it.candidates.length) html += '<div class="card">no candidate</div>';
-  $('cards').innerHTML = html;
+  $('cards').innerHTML = '<div class="row">' + html + '</div>';
   $('status').innerHTML = d ? 'Decided: ' + esc(describe(d)) : '';
   if (S.reranked && it.candidates.length) showMatch(chosenOrTop(d)); else
     $('match').innerHTML = S.reranked ? '' : '<i>This night was not re-ranked: no match drawing.</i>';

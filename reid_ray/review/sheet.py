@@ -152,6 +152,20 @@ def write_review_sheet(out: str, results: pa.Table, errors: pa.Table | None, ver
     return path
 
 
+def next_steps(out: str, gallery: str) -> list[tuple[str, str]]:
+    """Rows for ``identify``'s terminal summary: the sheet and the commands that follow."""
+    sheet = rio.join(out, SHEET_NAME)
+    reviewed = rio.join(out, REVIEWED_NAME)
+    return [
+        ("review sheet", f"{sheet} (nothing is accepted until reviewed)"),
+        ("review", f"reid-ray review --results {out}"),
+        (
+            "merge",
+            f"reid-ray gallery merge --gallery {gallery} --results {out} --reviewed {reviewed}",
+        ),
+    ]
+
+
 def read_sheet(path: str) -> list[dict[str, str]]:
     """A sheet's rows as strings (stripped); a missing file or column is a ConfigError."""
     try:
@@ -255,6 +269,7 @@ __all__ = [
     "SHEET_NAME",
     "ReviewCheck",
     "check_reviewed",
+    "next_steps",
     "parse_bbox",
     "proposal_confidence",
     "read_sheet",

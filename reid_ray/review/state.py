@@ -128,7 +128,14 @@ class ReviewState:
             raise ConfigError(f"{self.partial_path} is not a review file ({PARTIAL_FORMAT})")
         for image_id, decision in saved.get("decisions", {}).items():
             try:
-                self._resolve(image_id, decision)
+                _, chosen, _ = self._resolve(image_id, decision)
+                if decision.get("action") in ("top", "candidate") and chosen != decision.get(
+                    "identity", chosen
+                ):
+                    raise ConfigError(
+                        f"the candidates changed since (was {decision['identity']!r}, now "
+                        f"{chosen!r}): identify was rerun; review it again"
+                    )
             except ConfigError as exc:  # results rewritten since: say so, never drop silently
                 self.dropped.append(f"{image_id}: {exc}")
                 logger.warning("%s: decision for %s not loaded: %s", self.partial_path,
@@ -230,7 +237,9 @@ class ReviewState:
                     d["identity"] = str(identity).strip()
                 if reviewer:
                     d["reviewer"] = reviewer
-                self._resolve(image_id, d)
+                _, chosen, _ = self._resolve(image_id, d)
+                if action in ("top", "candidate"):
+                    d["identity"] = chosen  # checked again when a later sitting loads it
                 self.decisions[image_id] = d
             self.check = self._write()
             return self.progress()
