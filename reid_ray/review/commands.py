@@ -43,13 +43,19 @@ def review_command(
 
     Example: reid-ray review --results nights/2026-12-07 (then open http://127.0.0.1:8766/)
     """
+    from reid_ray import io as rio
     from reid_ray.console import console
     from reid_ray.errors import ConfigError
 
     if check:
         from reid_ray.review.state import ReviewState
 
-        state = ReviewState(results, reviewed_path=reviewed)
+        state = ReviewState(results, reviewed_path=reviewed, read_only=True)
+        if not rio.exists(state.reviewed_path):
+            raise ConfigError(
+                f"no reviewed CSV at {state.reviewed_path}: review the night first "
+                f"(`reid-ray review --results {results}`), or name one with --reviewed"
+            )
         _report(f"review of {results}", state)
         if not state.check.ok:
             raise ConfigError(

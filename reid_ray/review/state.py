@@ -75,7 +75,9 @@ class ReviewState:
     """A night's review: ``items`` (identified images, with up to 9 candidates each),
     ``failed`` (images not identified, with reasons), the ``decisions`` and the files."""
 
-    def __init__(self, results_dir: str, reviewed_path: str | None = None):
+    def __init__(
+        self, results_dir: str, reviewed_path: str | None = None, *, read_only: bool = False
+    ):
         from reid_ray.data.manifest import ERRORS_SCHEMA
         from reid_ray.gallery.identification import RESULTS_SCHEMA
         from reid_ray.gallery.store import open_version, read_table
@@ -110,7 +112,9 @@ class ReviewState:
         self.decisions: dict[str, dict[str, Any]] = {}
         self.dropped: list[str] = []
         self._load_partial()
-        self.check = self._write() if self.decisions else self._validate_only()
+        # a resumed sitting rewrites the CSV from its decisions (the page is the one writer);
+        # read_only (``review --check``) validates the file as it is
+        self.check = self._write() if self.decisions and not read_only else self._validate_only()
 
     # -- files ---------------------------------------------------------------------------
 
