@@ -39,10 +39,7 @@ def review_command(
     ),
 ) -> None:
     """Review a night in the browser: the query beside its top candidates, one key per
-    decision; decisions are saved as they are made and a later sitting resumes them.
-
-    Example: reid-ray review --results nights/2026-12-07 (then open http://127.0.0.1:8766/)
-    """
+    decision; decisions are saved as they are made and a later sitting resumes them."""
     from reid_ray import io as rio
     from reid_ray.console import console
     from reid_ray.errors import ConfigError
