@@ -39,6 +39,7 @@ STAGE_COMMANDS = [
     ("sweep", "reid_ray.benchmark.commands", "sweep_command"),
     ("al", "reid_ray.active.commands", "al_command"),
     ("identify", "reid_ray.gallery.commands", "identify_command"),
+    ("review", "reid_ray.review.commands", "review_command"),
 ]
 
 

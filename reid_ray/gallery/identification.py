@@ -11,8 +11,8 @@ individuals, write the outputs::
     OUT/embed/                  the embed output (embeddings/, errors/, manifest.json)
     OUT/rerank/                 the re-ranking output (scores/, fusion.json), when enabled
     OUT/results/part-*.parquet  one row per identified image (RESULTS_SCHEMA)
-    OUT/review.csv              for reviewers: image, top candidates with confidence,
-                                decision, proposed identity, an ``accept`` column
+    OUT/review.csv              for reviewers (``reid-ray review``, or by hand): the
+                                contract is ``reid_ray/review/sheet.py``
     OUT/errors/part-*.parquet   image_id, path, stage, reason
     OUT/report.json             counts, errors by reason, timings per stage, accuracy
                                 (when the manifest carries identities)
@@ -48,6 +48,7 @@ from reid_ray.gallery.store import (
     open_version,
     read_table,
 )
+from reid_ray.review.sheet import write_review_sheet
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ RESULTS_SCHEMA = pa.schema(
         ("bbox", BBOX_TYPE),  # the night row's box (null: whole image)
     ]
 )
-REVIEW_CANDIDATES = 3
 FAIL_ENV = "REID_RAY_IDENTIFY_FAIL_AT"
 
 
@@ -127,32 +127,6 @@ def _errors(
             seen.add(key)
             keep.append(i)
     return table.take(pa.array(keep, pa.int64()))
-
-
-def _review_csv(results: pa.Table) -> bytes:
-    import pandas as pd
-
-    df = results.to_pandas()
-    rows = []
-    for r in df.itertuples(index=False):
-        row = {
-            "image_id": r.image_id,
-            "path": r.path,
-            "decision": r.decision,
-            "identity": r.identity,
-            "confidence": round(float(r.confidence), 4) if r.confidence == r.confidence else "",
-        }
-        for j in range(REVIEW_CANDIDATES):
-            have = j < len(r.cand_identities)
-            row[f"candidate_{j + 1}"] = r.cand_identities[j] if have else ""
-            row[f"confidence_{j + 1}"] = round(float(r.cand_probabilities[j]), 4) if have else ""
-            row[f"image_{j + 1}"] = r.cand_images[j] if have else ""
-        row["accept"] = "yes"
-        rows.append(row)
-    columns = ["image_id", "path", "decision", "identity", "confidence"]
-    for j in range(1, REVIEW_CANDIDATES + 1):
-        columns += [f"candidate_{j}", f"confidence_{j}", f"image_{j}"]
-    return pd.DataFrame(rows, columns=[*columns, "accept"]).to_csv(index=False).encode()
 
 
 def identify(
@@ -339,13 +313,13 @@ def identify(
         rio.remove(old)
     rparts.remove_temporary(results_dir)
     rparts.write_part(results_dir, results, name="part-results.parquet")
-    rio.write_bytes_atomic(rio.join(out, "review.csv"), _review_csv(results))
     rerank_errors = [reranked.errors] if reranked is not None else []
     errors = _errors(manifest.errors, embed_dir, dup_rows, *rerank_errors)
     errors_dir = rio.join(out, "errors")
     for old in rparts.list_parts(errors_dir):
         rio.remove(old)
     rparts.write_part(errors_dir, errors, name="part-errors.parquet")
+    write_review_sheet(out, results, errors, version)
     fail_point("after-results", FAIL_ENV)
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0

@@ -1,8 +1,10 @@
 """``gallery merge``: accepted nightly results -> a new gallery version.
 
 Accepted rows are every result of the night (its decision and identity, provisional ids for
-new individuals), or, with a reviewed CSV (``OUT/review.csv`` edited by reviewers), the
-rows whose ``accept`` is yes, with the ``identity`` the reviewer left or corrected.
+new individuals), or, with a reviewed CSV (``OUT/review.csv`` filled in by reviewers, or
+``OUT/reviewed.csv`` from the review page), the rows whose ``accept`` is yes, with the
+``identity`` the reviewer left or corrected; unreviewed rows (``accept`` empty) are not
+merged. The CSV's contract and its one validation are in ``reid_ray/review/sheet.py``.
 
 Atomic: the new version is written beside the current one and made current last (see
 ``store.py``); a crash leaves the previous version current. Idempotent: images already in
@@ -33,9 +35,6 @@ from reid_ray.gallery.store import (
 
 logger = logging.getLogger(__name__)
 
-YES = {"yes", "y", "true", "1", "accept", "ok"}
-NO = {"no", "n", "false", "0", "reject", ""}
-
 
 def _results(results_dir: str, key: str) -> tuple[pa.Table, dict[str, Any]]:
     """A complete identify output's results and run record; another model's is refused."""
@@ -56,40 +55,23 @@ def _results(results_dir: str, key: str) -> tuple[pa.Table, dict[str, Any]]:
     return table, record
 
 
-def read_reviewed(path: str, known_ids: set[str]) -> tuple[dict[str, str], list[dict]]:
-    """A reviewers' CSV -> ({image_id: identity} of accepted rows, rejected rows with reasons)."""
-    import io
+def read_reviewed(
+    path: str, known_ids: set[str], gallery_identities: set[str] | None = None
+) -> tuple[dict[str, str], list[dict]]:
+    """A reviewers' CSV -> ({image_id: identity} of accepted rows, refused rows with reasons).
 
-    import pandas as pd
+    The validation is ``reid_ray.review.sheet.check_reviewed``, the same the review page
+    reports; only rows with ``accept`` yes are accepted (empty: not reviewed yet).
+    """
+    check = review_check(path, known_ids, gallery_identities)
+    return check.accepted, check.errors
 
-    try:
-        df = pd.read_csv(io.BytesIO(rio.read_bytes(path)), dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise ConfigError(f"reviewed CSV not found: {path}") from None
-    missing = {"image_id", "identity"} - set(df.columns)
-    if missing:
-        raise ConfigError(f"reviewed CSV {path} lacks column(s) {sorted(missing)}")
-    accepted: dict[str, str] = {}
-    errors: list[dict] = []
-    for row in df.to_dict("records"):
-        image_id, identity = row["image_id"].strip(), row["identity"].strip()
-        accept = str(row.get("accept", "yes")).strip().lower()
-        reason = None
-        if accept not in YES | NO:
-            reason = f"accept must be yes or no, got {accept!r}"
-        elif accept in NO:
-            continue
-        elif image_id not in known_ids:
-            reason = "not in the night's results"
-        elif not identity:
-            reason = "accepted without an identity"
-        elif image_id in accepted:
-            reason = "listed twice in the reviewed CSV"
-        if reason:
-            errors.append({"image_id": image_id, "path": path, "stage": "merge", "reason": reason})
-        else:
-            accepted[image_id] = identity
-    return accepted, errors
+
+def review_check(path: str, known_ids: set[str], gallery_identities: set[str] | None = None):
+    """The full :class:`~reid_ray.review.sheet.ReviewCheck` of a reviewed CSV."""
+    from reid_ray.review.sheet import check_reviewed, read_sheet
+
+    return check_reviewed(read_sheet(path), known_ids, gallery_identities, source=path)
 
 
 def merge_results(
@@ -118,12 +100,15 @@ def merge_results(
     in_gallery = set(read_table(current, ["image_id"]).column("image_id").to_pylist())
     new_parts, merged, errors = [], [], []
     skipped = 0
+    review_counts: dict[str, int] | None = None
     for results_dir in dirs:
         table, record = _results(results_dir, current.key)
         ids = table.column("image_id").to_pylist()
         if reviewed:
-            accepted, bad = read_reviewed(reviewed, set(ids))
-            errors.extend(bad)
+            gallery_identities = set(read_table(current, ["identity"])["identity"].to_pylist())
+            check = review_check(reviewed, set(ids), gallery_identities)
+            accepted, review_counts = check.accepted, check.counts
+            errors.extend(check.errors)
         else:
             accepted = {i: p for i, p in zip(ids, table["identity"].to_pylist(), strict=True) if p}
         todo = [i for i in sorted(accepted) if i not in in_gallery]
@@ -173,6 +158,8 @@ def merge_results(
         "errors": errors,
         "new_version": bool(new_parts),
     }
+    if review_counts is not None:  # accepted / rejected / not reviewed / failed images
+        report["review"] = review_counts
     if not new_parts:
         logger.info("merge: nothing new for gallery %s (%s stays current)", gallery, current.name)
         report["version"] = current.name
