@@ -262,6 +262,7 @@ GUIDE = HelpGuide(
         "evaluate": "Top-k, mAP and known-vs-new accuracy of a model on a split.",
         "gallery": "The versioned gallery: build, merge, history, rollback.",
         "identify": "The nightly job: known individual or new, per image.",
+        "review": "A page to review a night's decisions; writes the reviewed CSV.",
         "embed": "Embed every image of a manifest (resumable).",
         "index": "A FAISS index of gallery embeddings.",
         "search": "Top-K gallery candidates of every query.",
@@ -284,6 +285,7 @@ GUIDE = HelpGuide(
             "reid-ray manifest --images s3://bucket/dogs/ --by-identity --out dogs.csv",
         ),
         "split": ("reid-ray split --manifest dogs.csv --out dogs-split.csv --seed 0",),
+        "review": ("reid-ray review --results nights/2026-12-08",),
         "evaluate": (
             "reid-ray evaluate --manifest dogs.csv --split dogs-split.csv \\\n"
             "    --model timm:efficientnet_lite0 --out runs/eval",

@@ -128,10 +128,13 @@ def test_night_one_results_errors_and_report(world):
     errors = parts.read_parts(os.path.join(world["out1"], "errors"), ERRORS_SCHEMA).to_pandas()
     assert set(errors.image_id) == {"corrupt", "missing"}
     assert errors.reason.str.len().min() > 5
-    review = pd.read_csv(os.path.join(world["out1"], "review.csv"))
+    sheet = os.path.join(world["out1"], "review.csv")
+    review = pd.read_csv(sheet, dtype=str, keep_default_na=False)
     assert {"image_id", "decision", "identity", "confidence", "candidate_1", "confidence_1",
             "accept"} <= set(review.columns)  # fmt: skip
-    assert len(review) == n_good
+    failed = review[review.proposed_decision == "error"]  # listed for reviewers, with reasons
+    assert set(failed.image_id) == {"corrupt", "missing"} and (failed.reason != "").all()
+    assert len(review) - len(failed) == n_good and (review.accept == "").all()
     ev = report["evaluation"]
     assert ev["n_labelled"] == n_good and 0.0 <= ev["decision_accuracy"] <= 1.0
     assert {"embed", "search", "decide", "group", "write", "total"} <= set(report["timings"])
@@ -169,6 +172,8 @@ def test_two_nights_grow_by_accepted_and_merge_is_idempotent(world, tmp_path):
 
     # reviewers reject one row and correct another
     review = pd.read_csv(os.path.join(out2, "review.csv"), dtype=str, keep_default_na=False)
+    review = review[review.proposed_decision != "error"].reset_index(drop=True)
+    review["accept"] = "yes"  # an untouched row is not reviewed: never merged
     review.loc[0, "accept"] = "no"
     review.loc[1, "identity"] = "corrected-by-reviewer"
     reviewed = tmp_path / "reviewed.csv"

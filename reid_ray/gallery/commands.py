@@ -76,7 +76,12 @@ def merge_command(
             ("added", report["added"]),
             ("already in gallery", report["skipped_in_gallery"]),
             ("rejected rows", len(report["errors"])),
-        ],
+        ]
+        + (
+            [("not reviewed (not merged)", report["review"]["unreviewed"])]
+            if report.get("review")
+            else []
+        ),
     )
 
 
@@ -149,11 +154,14 @@ def identify_command(
         rows.append(
             (
                 "re-ranked",
-                f"{rr['extractor']} + {rr['matcher']}: known when the fused probability >= "
+                f"{rr['extractor']} + {rr['matcher']}: known when the {rr['decision_score']} >= "
                 f"{rr['threshold']:.3f} ({rr['threshold_source']}); {rr['errors']} errors",
             )
         )
     ev = report.get("evaluation") or {}
     if ev.get("n_labelled"):
         rows.append(("decision accuracy (labelled rows)", f"{ev['decision_accuracy']:.3f}"))
+    from reid_ray.review.sheet import next_steps
+
+    rows += next_steps(out, gallery)
     console.summary(f"identify -> {out}", rows)
