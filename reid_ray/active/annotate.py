@@ -232,7 +232,8 @@ def make_app(folder: str):
     known = {p["pair_id"]: p for p in pairs}
     loaded = load_answers(folder, pairs)
     for line in loaded.lines()[1:]:
-        logger.warning("answers of %s: %s", folder, line)
+        if not line.startswith("unanswered:"):  # open pairs are what the page is for
+            logger.warning("answers of %s: %s", folder, line)
     answers: dict[str, str] = dict(loaded.answers)
     lock = asyncio.Lock()
     next_step = _next_step(folder)

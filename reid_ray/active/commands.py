@@ -105,7 +105,7 @@ def al_command(
     try:
         metrics = run_al(cfg, overwrite=overwrite, accept_partial=accept_partial, rerun=rerun)
     except AnswersNeeded as waiting:  # a normal outcome: the person answers, then reruns
-        console().print(f"waiting for answers: {waiting.status}", highlight=False)
+        console().print(f"waiting for answers: {waiting.status}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_ANSWERS_NEEDED) from None
     print_table(metrics)
     final = (
