@@ -243,9 +243,9 @@ def aas_pairs(
     chosen: list[int] = []
     taken = np.zeros(len(a), dtype=bool)
     covered = np.zeros(int(region.max()) + 1, dtype=bool)
-    min_dist = np.full(len(a), np.inf, dtype=np.float32)
+    min_dist = np.full(len(a), 2.0, dtype=np.float32)  # cosine distances lie in [0, 2]
     while len(chosen) < target:
-        gain = score * np.where(np.isfinite(min_dist), min_dist, 2.0)
+        gain = score * min_dist
         first_pass = not covered.all()  # first one pair per region
         if first_pass:
             gain = np.where(covered[region], -np.inf, gain)
