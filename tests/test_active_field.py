@@ -20,14 +20,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_ANSWERS_NEEDED = 3
 
 
-def _env():
+def _env(address=""):
     # as tests/test_active_run.py: no memory monitor on a machine shared with other jobs
-    return dict(os.environ, RAY_ADDRESS="", RAY_DATA_DISABLE_PROGRESS_BARS="1",
+    return dict(os.environ, RAY_ADDRESS=address, RAY_DATA_DISABLE_PROGRESS_BARS="1",
                 RAY_memory_monitor_refresh_ms="0", COLUMNS="200")  # fmt: skip
 
 
-def _cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "reid_ray.cli", *args], env=_env(),
+def _cli(*args, timeout=900, address=""):
+    return subprocess.run([sys.executable, "-m", "reid_ray.cli", *args], env=_env(address),
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
@@ -80,8 +80,15 @@ def _truthful(truth, pair):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3000)  # three rounds of embed + train on a shared, loaded machine
-def test_field_round_trip_without_identities(field, tmp_path):
+def test_field_round_trip_without_identities(field, tmp_path, ray_cluster):
     from reid_ray.active.annotate import PageServer
+
+    # every command joins the session's cluster, as a user's commands join theirs (seven
+    # commands each starting Ray would mostly measure Ray's start on a loaded machine)
+    address = ray_cluster.get_runtime_context().gcs_address
+
+    def cli(*args):
+        return _cli(*args, address=address)
 
     out = str(tmp_path / "al")
     cmd = ["al", "--manifest", field["manifest"], "--out", out, "--oracle", "human",
@@ -90,7 +97,7 @@ def test_field_round_trip_without_identities(field, tmp_path):
     r0 = os.path.join(out, "rounds", "r0")
 
     # the run writes round 0's pairs and waits: a normal outcome, its own status
-    first = _cli(*cmd)
+    first = cli(*cmd)
     assert first.returncode == EXIT_ANSWERS_NEEDED, first.stderr[-3000:]
     assert "0 of 4 pairs answered" in first.stdout and "error:" not in first.stderr
     with open(os.path.join(r0, "pairs.csv")) as f:
@@ -109,7 +116,7 @@ def test_field_round_trip_without_identities(field, tmp_path):
         _post(page.url, pairs[1]["pair_id"], "skip")
     finally:
         page.stop()
-    waiting = _cli(*cmd)
+    waiting = cli(*cmd)
     assert waiting.returncode == EXIT_ANSWERS_NEEDED, waiting.stderr[-3000:]
     assert "2 of 4 pairs answered" in waiting.stdout
 
@@ -137,7 +144,7 @@ def test_field_round_trip_without_identities(field, tmp_path):
 
     # rounds 1 and 2: one sitting each, truthful answers
     for k in (1, 2):
-        step = _cli(*cmd)
+        step = cli(*cmd)
         assert step.returncode == EXIT_ANSWERS_NEEDED, step.stderr[-3000:]
         page = PageServer(out)
         try:
@@ -147,7 +154,7 @@ def test_field_round_trip_without_identities(field, tmp_path):
                 _post(page.url, p["pair_id"], _truthful(field["truth"], p))
         finally:
             page.stop()
-    done = _cli(*cmd)
+    done = cli(*cmd)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "gallery build" in done.stdout  # what to run next
 
@@ -181,7 +188,7 @@ def test_field_round_trip_without_identities(field, tmp_path):
     assert train_rows.num_rows > 0  # `reid-ray train` takes its clusters
 
     gallery = str(tmp_path / "gallery")
-    built = _cli("gallery", "build", "--manifest", metrics["pseudo_labels"],
+    built = cli("gallery", "build", "--manifest", metrics["pseudo_labels"],
                  "--model", metrics["checkpoint"], "--out", gallery)  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
     assert "identities" in built.stdout
