@@ -176,9 +176,7 @@ def test_annotation_page_end_to_end_over_http(pairs_dir):
         assert list(csv.reader(f)) == [
             ["pair_id", "answer"], ["r0-00000", "unsure"], ["r0-00003", "different"],
         ]  # fmt: skip
-    report = read_answers(
-        f"{folder}/answers.partial.csv", read_pairs_file(f"{folder}/pairs.csv")
-    )
+    report = read_answers(f"{folder}/answers.partial.csv", read_pairs_file(f"{folder}/pairs.csv"))
     assert report.answers == {"r0-00000": "unsure", "r0-00003": "different"}
     # a restarted page continues from the saved answers
     again = PageServer(folder)
