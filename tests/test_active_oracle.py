@@ -50,7 +50,7 @@ def test_pairs_file_has_columns_and_side_by_side_thumbnails(pairs_dir):
     assert counts == {"pairs": 5, "thumbnail_errors": 1}
     rows = read_pairs_file(f"{folder}/pairs.csv")
     assert list(rows[0]) == [
-        "pair_id", "image_id_a", "path_a", "image_id_b", "path_b", "thumbnail",
+        "pair_id", "image_id_a", "path_a", "image_id_b", "path_b", "thumbnail", "bbox_a", "bbox_b",
     ]  # fmt: skip
     assert [r["pair_id"] for r in rows] == [f"r0-{k:05d}" for k in range(5)]
     with Image.open(f"{folder}/{rows[0]['thumbnail']}") as im:
@@ -146,8 +146,17 @@ def test_annotation_page_end_to_end_over_http(pairs_dir):
         status, ctype, jpg = _get(server.url + "thumbs/r0-00000")
         assert ctype == "image/jpeg" and jpg[:2] == b"\xff\xd8"
         assert _post(server.url + "api/answer", {"pair_id": "r0-00000", "answer": "same"}) == {
-            "answered": 1, "total": 5,
+            "answered": 1, "total": 5, "answers": {"r0-00000": "same"},
         }  # fmt: skip
+        for mode in ("zoom", "frame"):  # one animal large, or the whole frame
+            status, ctype, jpg = _get(server.url + f"view/r0-00000/b?mode={mode}")
+            assert ctype == "image/jpeg" and jpg[:2] == b"\xff\xd8"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _get(server.url + "view/r0-00004/b?mode=zoom")  # the unreadable image: why, not a crash
+        assert err.value.code == 404 and b"could not be shown" in err.value.read()
+        # one writer per folder: a second page on it is refused
+        with pytest.raises(ConfigError, match="another annotation page"):
+            PageServer(folder)
         _post(server.url + "api/answer", {"pair_id": "r0-00003", "answer": "d"})
         _post(server.url + "api/answer", {"pair_id": "r0-00000", "answer": "unsure"})  # change
         for bad in ({"pair_id": "nope", "answer": "same"}, {"pair_id": "r0-00001", "answer": "?"}):
@@ -159,12 +168,15 @@ def test_annotation_page_end_to_end_over_http(pairs_dir):
         assert err.value.code == 404
     finally:
         server.stop()
-    # the page wrote the answers file that read_answers validates
-    with open(f"{folder}/answers.csv") as f:
+    # the page wrote its partial answers file (not answers.csv: 2 of 5 pairs are answered)
+    import os
+
+    assert not os.path.exists(f"{folder}/answers.csv")
+    with open(f"{folder}/answers.partial.csv") as f:
         assert list(csv.reader(f)) == [
             ["pair_id", "answer"], ["r0-00000", "unsure"], ["r0-00003", "different"],
         ]  # fmt: skip
-    report = read_answers(f"{folder}/answers.csv", read_pairs_file(f"{folder}/pairs.csv"))
+    report = read_answers(f"{folder}/answers.partial.csv", read_pairs_file(f"{folder}/pairs.csv"))
     assert report.answers == {"r0-00000": "unsure", "r0-00003": "different"}
     # a restarted page continues from the saved answers
     again = PageServer(folder)
@@ -174,7 +186,7 @@ def test_annotation_page_end_to_end_over_http(pairs_dir):
         again.stop()
 
 
-def test_human_round_waits_for_answers_then_reads_its_own_pairs_file(pairs_dir):
+def test_human_round_waits_for_every_answer_then_reads_its_own_pairs_file(pairs_dir):
     from reid_ray.active.config import ALConfig
     from reid_ray.active.runner import AnswersNeeded, _ask
 
@@ -183,10 +195,19 @@ def test_human_round_waits_for_answers_then_reads_its_own_pairs_file(pairs_dir):
     paths = [str(tmp / "img" / f"im{i}.{'png' if i % 2 else 'jpg'}") for i in range(5)]
     cfg = ALConfig(manifest="m.csv", out=str(tmp / "al"), oracle="human")
     rdir = str(tmp / "al" / "r0")
-    with pytest.raises(AnswersNeeded, match="--annotate"):
-        _ask(cfg, rdir, 0, [(0, 1), (2, 3)], ids, paths, identities={})
+    with pytest.raises(AnswersNeeded, match="0 of 3 pairs answered"):
+        _ask(cfg, rdir, 0, [(0, 1), (2, 3), (1, 4)], ids, paths, identities={})
     with open(f"{rdir}/answers.csv", "w") as f:
-        f.write("pair_id,answer\nr0-00000,same\nr0-00001,bogus\n")
-    # a rerun samples again; the pairs asked are those of the file, bad rows count as unsure
+        f.write("pair_id,answer\nr0-00000,Same\nr0-00001,bogus\nr0-00002,skip\n")
+    # a bad answer is no answer: the round still waits (it never trains on partial answers)
+    with pytest.raises(AnswersNeeded, match="2 of 3 pairs answered") as waiting:
+        _ask(cfg, rdir, 0, [(3, 4)], ids, paths, identities={})
+    assert waiting.value.folder == rdir and "--annotate" in waiting.value.status
+    # unless told to go on: the open pair comes back as None (spends no budget)
+    got = _ask(cfg, rdir, 0, [(3, 4)], ids, paths, identities={}, accept_partial=True)
+    assert got == [("im0", "im1", "same"), ("im2", "im3", None), ("im1", "im4", "skip")]
+    # the page's partial file completes it (and wins over the hand-written file)
+    with open(f"{rdir}/answers.partial.csv", "w") as f:
+        f.write("pair_id,answer\nr0-00001,d\nr0-00002,unsure\n")
     got = _ask(cfg, rdir, 0, [(3, 4)], ids, paths, identities={})
-    assert got == [("im0", "im1", "same"), ("im2", "im3", "unsure")]
+    assert got == [("im0", "im1", "same"), ("im2", "im3", "different"), ("im1", "im4", "unsure")]

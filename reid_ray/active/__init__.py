@@ -4,9 +4,11 @@ sampling, must-link / cannot-link answers and constrained refinement of pseudo-l
 Pure parts (no Ray): ``graph`` (FAISS k-NN graph, sparse Jaccard distances),
 ``clustering`` (DBSCAN/FINCH/k-means, USL pseudo-labels), ``samplers`` (budgets,
 random/margin/aas), ``constraints`` (refinement), ``oracle`` (simulated oracle, the pairs
-and answers files), ``annotate`` (the local annotation page). ``runner`` drives the rounds
-(embed, cluster, sample, ask, refine, fine-tune, evaluate) through the other stages'
-public entry points. Names are imported on first use.
+and answers files), ``views`` (the pair as a person sees it: cropped to the boxes, whole
+frames), ``annotate`` (the local annotation page, the one writer of the answers),
+``outputs`` (round records, the pseudo-labelled manifest and its constraints). ``runner``
+drives the rounds (embed, cluster, sample, ask, refine, fine-tune, evaluate when labels
+allow) through the other stages' public entry points. Names are imported on first use.
 """
 
 from reid_ray.lazy import lazy_getattr
@@ -32,6 +34,12 @@ _EXPORTS = {
     "AnswersReport": "oracle",
     "SimulatedOracle": "oracle",
     "read_answers": "oracle",
+    "load_answers": "oracle",
+    "normalise_answer": "oracle",
+    "write_pseudo_labels": "outputs",
+    "write_constraints": "outputs",
+    "AnswersNeeded": "runner",
+    "EXIT_ANSWERS_NEEDED": "runner",
     "write_pairs_file": "oracle",
     "ALConfig": "config",
     "load_al_config": "config",

@@ -26,8 +26,11 @@ def _small_train() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ALConfig:
-    """One AL run. ``budget``: a fraction of all pairs of the ``train`` rows (``0.00033``
-    or ``"0.033%"``) or a count (``"200"``), split evenly over ``rounds``. ``train``:
+    """One AL run. ``budget``: the pairs a person (or the simulated oracle) answers, a count
+    (``"1000"``, the default) or, to compare with the AAS paper, a fraction of all pairs of
+    the ``train`` rows (``"0.033%"``), spent over ``rounds`` (what a round does not spend
+    moves on). ``evaluate``: score each round on labelled ``query``/``gallery`` rows when
+    there are any (skipped, and said so, when there are none). ``train``:
     overrides of ``reid_ray.train.TrainConfig`` (its ``model`` is set per round: the run's
     ``model`` first, then the previous round's checkpoint). ``image_size``: input side for
     the starting model (checkpoints keep their own)."""
@@ -44,6 +47,7 @@ class ALConfig:
     image_size: int | None = None
     min_cluster_size: int = 2  # smaller pseudo-identities are left out of training
     merge: str = DEFAULT_MERGE  # what a must-link across two clusters moves (MERGE_POLICIES)
+    evaluate: bool = True  # the benchmark protocol after each round (when labels allow)
     evaluate_start: bool = True  # also evaluate the starting model (the "pretrained" row)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: dict[str, Any] = field(default_factory=_small_train)

@@ -4,12 +4,18 @@ The simulated oracle is the only code that reads ground-truth identities during 
 (benchmarks). The human round trip:
 
 - ``write_pairs_file``: ``pairs.csv`` with ``pair_id,image_id_a,path_a,image_id_b,path_b,
-  thumbnail`` and one side-by-side JPEG per pair under ``thumbs/``;
-- the annotator (or ``reid_ray.active.annotate``) writes ``answers.csv``:
-  ``pair_id,answer`` with ``same``, ``different`` or ``unsure``;
-- ``read_answers`` validates it and reports every problem (unknown pair ids, duplicates,
-  conflicting duplicates, bad values, malformed rows, unanswered pairs, contradictions such
-  as A=B, B=C, A!=C); no row is dropped without being listed in the report.
+  thumbnail,bbox_a,bbox_b`` and one side-by-side JPEG per pair under ``thumbs/`` (both
+  animals cropped to their boxes, ``reid_ray.active.views``);
+- the annotation page (``reid_ray.active.annotate``, the one writer) saves each answer to
+  ``answers.partial.csv`` and, once every pair is answered, ``answers.csv``; a person may
+  also write ``answers.csv`` by hand: ``pair_id,answer`` with ``same``, ``different``,
+  ``unsure`` (looked, cannot tell: spends budget, never asked again) or ``skip`` (not now:
+  spends nothing, may be asked again in a later round);
+- ``load_answers`` reads both files (the page's answers win) and ``read_answers`` validates
+  one, reporting every problem (unknown pair ids, duplicates, conflicting duplicates, bad
+  values, malformed rows, unanswered pairs, contradictions such as A=B, B=C, A!=C); no row
+  is dropped without being listed in the report. Both normalise answers with
+  ``normalise_answer``, the one spelling rule of the page and the reader.
 """
 
 from __future__ import annotations
@@ -22,15 +28,28 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reid_ray import io as rio
+from reid_ray.active.views import CROP_SIDE, side_by_side
 from reid_ray.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 PAIRS_COLUMNS = ["pair_id", "image_id_a", "path_a", "image_id_b", "path_b", "thumbnail"]
+BOX_COLUMNS = ["bbox_a", "bbox_b"]  # written since boxes are shown; older files lack them
 ANSWER_COLUMNS = ["pair_id", "answer"]
-ANSWERS = ("same", "different", "unsure")
-ALIASES = {"s": "same", "d": "different", "u": "unsure"}
-THUMB_SIDE = 192
+ANSWERS = ("same", "different", "unsure", "skip")
+SPENDING = ("same", "different", "unsure")  # the answers that spend budget
+ALIASES = {"s": "same", "d": "different", "u": "unsure", "k": "skip"}
+ANSWERS_FILE = "answers.csv"  # complete answers (the page's once done, or hand-written)
+PARTIAL_FILE = "answers.partial.csv"  # the page's answers so far, sitting by sitting
+THUMB_SIDE = CROP_SIDE
+
+
+def normalise_answer(raw) -> str | None:
+    """``same``/``different``/``unsure``/``skip`` from any case, spaces or the one-letter
+    keys (s, d, u, k); None for anything else. The page and the reader both use this."""
+    text = str(raw if raw is not None else "").strip().lower()
+    text = ALIASES.get(text, text)
+    return text if text in ANSWERS else None
 
 
 class SimulatedOracle:
@@ -57,37 +76,33 @@ def pair_id(round_index: int, k: int) -> str:
     return f"r{round_index}-{k:05d}"
 
 
-def _thumb(path: str, side: int) -> np.ndarray:
-    from reid_ray.data import load_image, resize_image
-
-    img = load_image(path)
-    h, w = img.shape[:2]
-    scale = side / max(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    small = resize_image(img, size)
-    canvas = np.full((side, side, 3), 255, dtype=np.uint8)
-    y, x = (side - size[0]) // 2, (side - size[1]) // 2
-    canvas[y : y + size[0], x : x + size[1]] = small
-    return canvas
+def format_bbox(bbox) -> str:
+    """``x,y,w,h`` as the manifest writes it (empty: the whole image)."""
+    return "" if bbox is None else "[" + ", ".join(f"{float(v):g}" for v in bbox) + "]"
 
 
-def side_by_side(path_a: str, path_b: str, side: int = THUMB_SIDE) -> bytes:
-    """A JPEG with both images letterboxed side by side (a gap between them)."""
-    from PIL import Image
+def pair_boxes(row: dict) -> tuple[list[float] | None, list[float] | None]:
+    """The two boxes of a ``pairs.csv`` row (None: whole image, or an older file)."""
+    from reid_ray.data.manifest import parse_bbox
 
-    gap = np.full((side, 8, 3), 255, dtype=np.uint8)
-    row = np.concatenate([_thumb(path_a, side), gap, _thumb(path_b, side)], axis=1)
-    buf = io.BytesIO()
-    Image.fromarray(row).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return parse_bbox(row.get("bbox_a") or None), parse_bbox(row.get("bbox_b") or None)
 
 
 def write_pairs_file(
-    folder: str, pairs, image_ids, paths, *, round_index: int = 0, thumbnails: bool = True
+    folder: str,
+    pairs,
+    image_ids,
+    paths,
+    *,
+    round_index: int = 0,
+    thumbnails: bool = True,
+    boxes=None,
 ) -> dict:
     """Write ``folder/pairs.csv`` (and ``folder/thumbs/<pair_id>.jpg``) for ``pairs`` of
-    row indices into ``image_ids``/``paths``. An image that cannot be read gets no
-    thumbnail (its row says why in the log and ``thumbnail`` is empty); returns counts."""
+    row indices into ``image_ids``/``paths`` (and ``boxes``, ``x,y,w,h`` or None). An image
+    that cannot be read gets no thumbnail (its row says why in the log and ``thumbnail`` is
+    empty); returns counts."""
+    boxes = boxes if boxes is not None else [None] * len(image_ids)
     rows, n_thumb_errors = [], 0
     for k, (a, b) in enumerate(pairs):
         pid = pair_id(round_index, k)
@@ -95,15 +110,17 @@ def write_pairs_file(
         if thumbnails:
             rel = f"thumbs/{pid}.jpg"
             try:
-                rio.write_bytes_atomic(rio.join(folder, rel), side_by_side(paths[a], paths[b]))
+                jpg = side_by_side(paths[a], paths[b], THUMB_SIDE, boxes[a], boxes[b])
+                rio.write_bytes_atomic(rio.join(folder, rel), jpg)
                 thumb = rel
             except Exception as exc:  # noqa: BLE001 - a bad image must not stop the file
                 n_thumb_errors += 1
                 logger.warning("no thumbnail for %s: %s", pid, exc)
-        rows.append([pid, image_ids[a], paths[a], image_ids[b], paths[b], thumb])
+        rows.append([pid, image_ids[a], paths[a], image_ids[b], paths[b], thumb,
+                     format_bbox(boxes[a]), format_bbox(boxes[b])])  # fmt: skip
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(PAIRS_COLUMNS)
+    writer.writerow(PAIRS_COLUMNS + BOX_COLUMNS)
     writer.writerows(rows)
     rio.write_bytes_atomic(rio.join(folder, "pairs.csv"), text.getvalue().encode())
     return {"pairs": len(rows), "thumbnail_errors": n_thumb_errors}
@@ -122,7 +139,7 @@ def read_pairs_file(path: str) -> list[dict]:
 class AnswersReport:
     """Validated answers: per usable pair its answer, and every problem found."""
 
-    answers: dict[str, str] = field(default_factory=dict)  # pair_id -> same/different/unsure
+    answers: dict[str, str] = field(default_factory=dict)  # pair_id -> one of ANSWERS
     unknown_ids: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
     conflicting: list[dict] = field(default_factory=list)
@@ -139,6 +156,7 @@ class AnswersReport:
             "same": used.count("same"),
             "different": used.count("different"),
             "unsure": used.count("unsure"),
+            "skip": used.count("skip"),
             "unknown_pair_ids": len(self.unknown_ids),
             "duplicates": len(self.duplicates),
             "conflicting_duplicates": len(self.conflicting),
@@ -151,7 +169,7 @@ class AnswersReport:
     @property
     def ok(self) -> bool:
         c = self.counts()
-        return not any(c[k] for k in c if k not in ("rows", "same", "different", "unsure"))
+        return not any(c[k] for k in c if k not in ("rows", *ANSWERS))
 
     def lines(self) -> list[str]:
         """A human-readable report, one problem a line."""
@@ -201,12 +219,11 @@ def read_answers(path: str, pairs: list[dict]) -> AnswersReport:
             reason = "expected 2 fields" if len(row) != 2 else "no pair id"
             report.malformed.append({"line": line, "row": ",".join(row), "reason": reason})
             continue
-        pid, raw = row[0].strip(), row[1].strip().lower()
-        answer = ALIASES.get(raw, raw)
+        pid, answer = row[0].strip(), normalise_answer(row[1])
         if pid not in known:
             report.unknown_ids.append({"line": line, "pair_id": pid})
             continue
-        if answer not in ANSWERS:
+        if answer is None:
             report.bad_values.append({"line": line, "pair_id": pid, "answer": row[1]})
             continue
         seen.setdefault(pid, []).append((line, answer))
@@ -226,12 +243,37 @@ def read_answers(path: str, pairs: list[dict]) -> AnswersReport:
     return report
 
 
+def load_answers(folder: str, pairs: list[dict]) -> AnswersReport:
+    """The answers of a pairs folder: a hand-written ``answers.csv`` and the page's
+    ``answers.partial.csv`` (its answers win: a person changed their mind on the page).
+    Problems of both files are reported; an answer settled in the page's file is no longer
+    counted as a conflict of the hand-written one."""
+    from reid_ray.active.constraints import find_contradictions
+
+    known = {p["pair_id"]: p for p in pairs}
+    merged = AnswersReport()
+    for name in (ANSWERS_FILE, PARTIAL_FILE):
+        path = rio.join(folder, name)
+        if not rio.exists(path):
+            continue
+        one = read_answers(path, pairs)
+        merged.n_rows += one.n_rows
+        merged.conflicting = [c for c in merged.conflicting if c["pair_id"] not in one.answers]
+        merged.answers.update(one.answers)
+        for key in ("unknown_ids", "duplicates", "conflicting", "bad_values", "malformed"):
+            getattr(merged, key).extend({**r, "file": name} for r in getattr(one, key))
+    answered = set(merged.answers) | {c["pair_id"] for c in merged.conflicting}
+    merged.unanswered = [p for p in known if p not in answered]
+    merged.contradictions = answer_contradictions(known, merged.answers, find_contradictions)
+    return merged
+
+
 def answer_contradictions(known: dict, answers: dict[str, str], find) -> list[dict]:
     """Contradictions among the answers, named by pair ids."""
     index: dict[str, int] = {}
     must, cannot, must_ids, cannot_ids = [], [], [], []
     for pid, answer in answers.items():
-        if answer == "unsure":
+        if answer not in ("same", "different"):
             continue
         a = index.setdefault(known[pid]["image_id_a"], len(index))
         b = index.setdefault(known[pid]["image_id_b"], len(index))
@@ -263,8 +305,15 @@ def write_answers(path: str, answers: dict[str, str]) -> None:
 
 __all__ = [
     "ANSWERS",
+    "ANSWERS_FILE",
+    "PARTIAL_FILE",
+    "SPENDING",
     "AnswersReport",
     "SimulatedOracle",
+    "format_bbox",
+    "load_answers",
+    "normalise_answer",
+    "pair_boxes",
     "read_answers",
     "read_pairs_file",
     "side_by_side",

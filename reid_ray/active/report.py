@@ -52,9 +52,10 @@ def plot_rounds(metrics: dict[str, Any], path: str) -> None:
 
     rounds = metrics.get("rounds", [])
     xs = [r["round"] for r in rounds]
+    nan = float("nan")  # a figure not measured (no labels) is a gap, not a zero
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for key, style in (("mAP", "o-"), ("top1", "s--")):
-        ys = [r.get(key) for r in rounds]
+        ys = [nan if r.get(key) is None else r.get(key) for r in rounds]
         start = (metrics.get("start") or {}).get(key)
         if start is not None:
             a.plot([-1] + xs, [start] + ys, style, label=key)
@@ -65,7 +66,7 @@ def plot_rounds(metrics: dict[str, Any], path: str) -> None:
     a.set_ylim(0, 1)
     a.legend()
     for key in ("nmi", "ari", "pair_precision", "pair_recall"):
-        b.plot(xs, [r.get(key) for r in rounds], "o-", label=key)
+        b.plot(xs, [nan if r.get(key) is None else r.get(key) for r in rounds], "o-", label=key)
     b.set_xlabel("round")
     b.set_title("pseudo-label quality (train rows)")
     b.set_ylim(0, 1)
