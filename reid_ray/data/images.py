@@ -149,7 +149,7 @@ def resize_image(
 ) -> np.ndarray:
     """Resize the whole crop to ``size`` (h, w): stretch (``resize``) or pad (``letterbox``).
 
-    No centre crop: on re-ID crops it throws away half the animal (ENVIRONMENT.md).
+    No centre crop: on re-ID crops it throws away half the animal (docs/design.md).
     """
     import cv2
 

@@ -1,6 +1,6 @@
 """The split maker: seeded, per-individual splits written as ``image_id,split`` CSV files.
 
-A split file (DESIGN.md) is a CSV with columns ``image_id`` and ``split``, ``split`` one of
+A split file (README.md, Contracts) is a CSV with columns ``image_id`` and ``split``, ``split`` one of
 :data:`SPLIT_NAMES`; rows not named are unused. ``query_unknown`` images belong to an
 individual absent from the gallery: the right answer for them is "new".
 
