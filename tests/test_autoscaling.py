@@ -89,9 +89,13 @@ def _fake_cluster_config(port: int) -> dict:
     }
 
 
-def _stop_tree(proc: subprocess.Popen) -> None:
-    """Stop ``proc`` and every process it started (the head's GCS, raylet, monitor, and
-    the worker nodes the monitor started), by pid."""
+MARKER = "REID_RAY_AUTOSCALING_TEST"
+
+
+def _stop_cluster(proc: subprocess.Popen, marker: str) -> None:
+    """Stop ``proc`` (``ray start --block``) and every process of this cluster, by pid: its
+    descendants, and those that carry ``MARKER=marker`` in their environment (a worker node
+    whose start timed out leaves processes that were re-parented away from the tree)."""
     import psutil
 
     try:
@@ -103,7 +107,13 @@ def _stop_tree(proc: subprocess.Popen) -> None:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
-    alive = [p for p in family if p.is_running()]
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(MARKER) == marker:
+                family.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    alive = [p for p in {p.pid: p for p in family}.values() if p.is_running()]
     for p in alive:
         try:
             p.terminate()
@@ -140,7 +150,6 @@ def autoscaling_cluster(s3_server):
     had_session_cluster = ray.is_initialized()
     if had_session_cluster:
         ray.shutdown()
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # what `ray start` uses by default
     port = _free_port()
     tmp = tempfile.mkdtemp(prefix="rr-as-", dir="/tmp")
     config = os.path.join(tmp, "cluster.json")
@@ -152,6 +161,9 @@ def autoscaling_cluster(s3_server):
         AUTOSCALER_UPDATE_INTERVAL_S="1",
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         REID_RAY_COMPUTE_DEVICE="cpu",  # the fake GPU nodes have no CUDA
+        # a driver that already read its auth mode (this session's cluster) joins either way
+        RAY_AUTH_MODE="disabled",
+        **{MARKER: tmp},  # finds this cluster's processes at the end
     )
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     with open(os.path.join(tmp, "head.log"), "w") as log:
@@ -159,6 +171,7 @@ def autoscaling_cluster(s3_server):
             [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
              f"--autoscaling-config={config}", "--node-ip-address=127.0.0.1",
              f"--temp-dir={tmp}", "--include-dashboard=false", "--disable-usage-stats",
+             f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
              f"--object-store-memory={150 * 1024 * 1024}"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -178,7 +191,7 @@ def autoscaling_cluster(s3_server):
         yield {"address": f"127.0.0.1:{port}", "tmp": tmp}
     finally:
         ray.shutdown()
-        _stop_tree(head)
+        _stop_cluster(head, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if had_session_cluster:
             ray.init(**_session_cluster_args())

@@ -207,6 +207,9 @@ class QuerySearcher:
         wanted: list[str] | None = None,
         threads: int = 0,
     ) -> None:
+        from reid_ray.runtime import hide_unassigned_gpus
+
+        hide_unassigned_gpus()  # a CPU searcher on a GPU node: faiss-gpu would take them all
         if threads:
             import faiss
 
