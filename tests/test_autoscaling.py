@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "jobs" / "configs"
 MODEL = "timm-random:resnet18"
-GPU_NODES = 2
+GPU_NODES = 2  # the most the autoscaler may add; the test's pools need one
 TINY_RERANK = dict(max_keypoints=64, resize_long_side=96, queries_per_batch=1, batch_size=4)
 
 
@@ -294,7 +294,7 @@ def test_gpu_configs_grow_the_cluster_and_cpu_work_stays_on_cpu(
     assert summary.n_embedded == 8 and summary.n_errors == 0
     assert summary.plan["device"] == "cuda" and summary.plan["gpus_per_actor"] == 1
     gpu_nodes = _gpu_nodes()
-    assert len(gpu_nodes) == GPU_NODES  # added for the pending GPU actors
+    assert 1 <= len(gpu_nodes) <= GPU_NODES  # added for the pending GPU actor
     embedders = set(_actors("Embedder").values())
     assert embedders and embedders <= gpu_nodes
 
