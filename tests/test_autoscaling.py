@@ -280,13 +280,13 @@ def test_gpu_configs_grow_the_cluster_and_cpu_work_stays_on_cpu(
     cfg = load_embed_config(
         str(CONFIGS / "gpu_embed.yaml"),  # device cuda, 1 GPU per actor, from the file
         {
-            "actors": GPU_NODES,
+            "actors": 1,
             "image_size": 32,
             "batch_size": 4,
             "decode_cpus": 0.25,
             "decode_batch_size": 4,
             "rows_per_part": 4,
-        },  # fmt: skip - sized for the toy cluster
+        },  # sized for the toy cluster
     )
     assert cfg.device == "cuda" and cfg.gpus_per_actor == 1
     manifest = f"{zoo_s3['s3']}/zoo/metadata.csv"
