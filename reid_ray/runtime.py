@@ -136,7 +136,8 @@ def autoscaler_limits() -> dict[str, float] | None:
 
     Autoscaler v2 (and KubeRay) publish the node groups in the GCS; the v1 autoscaler's
     monitor (``ray up``, ``ray start --autoscaling-config``) publishes an
-    ``autoscaler_report`` in its status, which a head without autoscaling lacks.
+    ``autoscaler_report`` whose node types come from its config, where a fixed cluster's
+    read-only autoscaler reports one anonymous type per node.
     """
     import json
 
@@ -153,10 +154,14 @@ def autoscaler_limits() -> dict[str, float] | None:
         return None
     status = _internal_kv_get("__autoscaling_status")  # ray_constants.DEBUG_AUTOSCALING_STATUS
     try:
-        report = json.loads(status).get("autoscaler_report") if status else None
+        report = (json.loads(status).get("autoscaler_report") if status else None) or {}
     except ValueError:
-        report = None
-    return {} if report else None
+        report = {}
+    types = {*(report.get("node_type_mapping") or {}).values(), *(report.get("active_nodes") or {})}
+    types |= set(report.get("pending_launches") or {})
+    # a fixed cluster runs a read-only autoscaler that names each node "node_<id>"
+    # (ray.autoscaler._private.util.format_readonly_node_type); a real one, its config's types
+    return {} if any(not str(t).startswith("node_") for t in types) else None
 
 
 def cluster_view() -> ClusterView:
