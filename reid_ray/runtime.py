@@ -157,11 +157,16 @@ def autoscaler_limits() -> dict[str, float] | None:
         report = (json.loads(status).get("autoscaler_report") if status else None) or {}
     except ValueError:
         report = {}
+    return {} if reports_autoscaling(report) else None
+
+
+def reports_autoscaling(report: dict[str, Any]) -> bool:
+    """Whether a v1 ``autoscaler_report`` comes from an autoscaler with node types of its
+    own: a fixed cluster runs a read-only autoscaler that names each node ``node_<id>``
+    (``ray.autoscaler._private.util.format_readonly_node_type``)."""
     types = {*(report.get("node_type_mapping") or {}).values(), *(report.get("active_nodes") or {})}
     types |= set(report.get("pending_launches") or {})
-    # a fixed cluster runs a read-only autoscaler that names each node "node_<id>"
-    # (ray.autoscaler._private.util.format_readonly_node_type); a real one, its config's types
-    return {} if any(not str(t).startswith("node_") for t in types) else None
+    return any(not str(t).startswith("node_") for t in types)
 
 
 def cluster_view() -> ClusterView:

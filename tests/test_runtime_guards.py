@@ -13,7 +13,13 @@ from reid_ray.embed.config import EmbedConfig, plan_resources
 from reid_ray.errors import ConfigError, ManifestError
 from reid_ray.rerank.actors import plan_stage_pool
 from reid_ray.rerank.config import RerankConfig
-from reid_ray.runtime import ClusterView, ErrorRateError, check_error_rate, plan_pool
+from reid_ray.runtime import (
+    ClusterView,
+    ErrorRateError,
+    check_error_rate,
+    plan_pool,
+    reports_autoscaling,
+)
 
 SIFT = dict(extractor="sift", matcher="classical")
 
@@ -93,6 +99,24 @@ def test_lightglue_asks_for_gpus_before_gpu_nodes_exist():
     assert plan_stage_pool(cfg, "match", ClusterView(64, 16), blocks=3).actors == 3
     with pytest.raises(ConfigError, match="stage"):
         cfg.stage_device("decode")
+
+
+# --- is the cluster able to grow? ---------------------------------------------------------
+
+
+def test_autoscaler_report_of_a_real_autoscaler_and_of_a_fixed_cluster():
+    # as Ray's fake autoscaling cluster reported it (head type and the config's GPU type)
+    real = {
+        "active_nodes": {"ray.head.default": 1},
+        "pending_launches": {"gpu": 1},
+        "node_type_mapping": {"ff00000": "ray.head.default"},
+    }
+    assert reports_autoscaling(real)
+    assert reports_autoscaling({"active_nodes": {"head-group": 1}})  # KubeRay group names
+    # a fixed cluster's read-only autoscaler: one anonymous type per node
+    fixed = {"active_nodes": {"node_ab12": 1}, "node_type_mapping": {"ab12": "node_ab12"}}
+    assert not reports_autoscaling(fixed)
+    assert not reports_autoscaling({})
 
 
 # --- the error-rate threshold ---------------------------------------------------------------
