@@ -528,6 +528,7 @@ __all__ = [
     "hide_unassigned_gpus",
     "init_ray",
     "plan_pool",
+    "reports_autoscaling",
     "require_readable_inputs",
     "require_shared_output",
     "resolve_device",
