@@ -9,7 +9,7 @@ DEMO_OUT ?= demo-out
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint gpu-check clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# every GPU path on this machine's GPU (SKIP without one), pass/fail and throughput, < 5 min
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --json benchmarks/results/gpu_check.json
 
 lint: install
 	$(BIN)/ruff check reid_ray tests jobs benchmarks

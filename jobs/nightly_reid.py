@@ -5,7 +5,8 @@
         --merge --set search.k=100 ...]
 
 Thin: the YAML names the gallery, the night's manifest and the output; options override
-it. The work is ``reid_ray.gallery.identify`` (and ``merge_results`` with ``--merge``),
+it. On a GPU cluster use ``jobs/configs/gpu_nightly_identify.yaml`` (``embed.device: cuda``
+asks Ray for GPUs, so an autoscaler adds GPU nodes). The work is ``reid_ray.gallery.identify`` (and ``merge_results`` with ``--merge``),
 the same functions as ``reid-ray identify`` and ``reid-ray gallery merge``. Joins the
 cluster named by RAY_ADDRESS (``ray job submit`` sets it), else starts a local one.
 Exit status 2 on a ReidRayError, with one message.

@@ -5,7 +5,8 @@
 
 Thin: the YAML names the manifest, split, output and training settings; options on the
 command line override it. The work is ``reid_ray.train.commands.train_command``, the same
-function as ``reid-ray train``. Joins the cluster named by RAY_ADDRESS (``ray job submit``
+function as ``reid-ray train``. On a GPU cluster use ``jobs/configs/gpu_train.yaml``
+(``gpus_per_worker: 1``: each worker asks Ray for a GPU; DDP over NCCL, AMP). Joins the cluster named by RAY_ADDRESS (``ray job submit``
 sets it), else starts a local one.
 """
 

@@ -21,12 +21,16 @@ from typing import Any
 from reid_ray import config as rconfig
 from reid_ray.config import check, check_choice
 from reid_ray.errors import ConfigError
-from reid_ray.runtime import DEVICES, ClusterView, plan_pool
+from reid_ray.runtime import DEFAULT_MAX_ERROR_RATE, DEVICES, ClusterView, plan_pool
 
 PRECISIONS = ("auto", "fp32", "fp16")
 DECODE_MODES = ("actors", "tasks")
 #: one CPU inference actor per this many CPUs (threads scale well up to about 8)
 CPUS_PER_CPU_ACTOR = 8
+#: automatic pools get at most one actor per this many images: a GPU embeds thousands of
+#: images a second, a CPU actor tens, so a small night never starts a large pool
+ROWS_PER_GPU_ACTOR = 20_000
+ROWS_PER_CPU_ACTOR = 2_000
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,10 @@ class EmbedConfig:
     ``image_size`` overrides the model's input side (None: the model's own).
     ``flip`` adds horizontal-flip test-time augmentation (features of the image and of its
     mirror summed, then L2-normalised; it changes the stored fingerprint).
-    ``batch_size`` images per inference call; ``actors`` size of the inference pool;
-    ``cpus_per_actor``/``threads`` CPU share and torch threads of each actor;
+    ``batch_size`` images per inference call; ``actors`` size of the inference pool
+    (exactly; 0: one per GPU, or per 8 CPUs, capped by the work: one per 20k images on
+    GPU, 2k on CPU); ``cpus_per_actor``/``gpus_per_actor``/``threads`` CPU and GPU
+    share and torch threads of each actor (``gpus_per_actor`` 0: 1 on GPU);
     ``decode_cpus`` CPU share of each decoder; ``decode_batch_size`` images per decode
     call; ``decode_tasks`` most decoders at a time (0: the CPUs the inference actors
     leave free, divided by ``decode_cpus``); ``decode_mode`` actors (long-lived decoder
@@ -52,6 +58,7 @@ class EmbedConfig:
     batch_size: int = 0
     actors: int = 0
     cpus_per_actor: float = 0.0
+    gpus_per_actor: float = 0.0
     threads: int = 0
     decode_cpus: float = 0.0
     decode_batch_size: int = 0
@@ -61,6 +68,7 @@ class EmbedConfig:
     rows_per_part: int = 2048
     device: str = "auto"
     precision: str = "auto"
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
 
     def __post_init__(self) -> None:
         # direct construction (EmbedConfig(...)) is checked like a loaded config
@@ -77,7 +85,7 @@ class EmbedConfig:
                 isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                 f"{name} must be an integer >= 0 (0: automatic), got {value!r}",
             )
-        for name in ("cpus_per_actor", "decode_cpus"):
+        for name in ("cpus_per_actor", "gpus_per_actor", "decode_cpus"):
             value = getattr(self, name)
             check(
                 isinstance(value, int | float) and value >= 0 and math.isfinite(value),
@@ -86,6 +94,10 @@ class EmbedConfig:
         check(
             isinstance(self.read_threads, int) and 1 <= self.read_threads <= 64,
             f"read_threads must be an integer between 1 and 64, got {self.read_threads!r}",
+        )
+        check(
+            isinstance(self.max_error_rate, int | float) and 0 <= self.max_error_rate <= 1,
+            f"max_error_rate must be a share between 0 and 1, got {self.max_error_rate!r}",
         )
         check(
             isinstance(self.rows_per_part, int) and self.rows_per_part >= 1,
@@ -128,26 +140,37 @@ class ResourcePlan:
         return asdict(self)
 
 
-def plan_resources(cfg: EmbedConfig, cluster: ClusterView) -> ResourcePlan:
-    """Decide actors, CPU/GPU shares, threads and batch sizes for ``cfg`` on ``cluster``.
+def plan_resources(cfg: EmbedConfig, cluster: ClusterView, rows: int = 0) -> ResourcePlan:
+    """Decide actors, CPU/GPU shares, threads and batch sizes for ``cfg`` on ``cluster``
+    for ``rows`` images (0: unknown, no cap from the work).
 
     The pool comes from :func:`reid_ray.runtime.plan_pool` (GPU: one actor per GPU, 1 CPU
     each, and an explicit ``device: cuda`` waits for GPU nodes instead of falling back;
     CPU: one actor per 8 CPUs holding the CPUs less Ray Data's reserve, threads = its
-    share). Embedding adds: fp16 on GPU, batches of 128 (64 with flip) on GPU and 32 on
-    CPU, decoders on 1/4 CPU on small machines (< 8 CPUs) and 1 CPU otherwise; as many
-    decoders as the CPUs the pool leaves free hold.
+    share; automatic sizes capped by the work). Embedding adds: fp16 on GPU, batches of
+    128 (64 with flip) on GPU and 32 on CPU, decoders on 1/4 CPU on small machines
+    (< 8 CPUs) and 1 CPU otherwise; as many decoders as the CPUs the pool leaves free hold.
     """
     cpus = max(float(cluster.cpus), 1.0)
-    if cfg.device == "cpu" or (cfg.device == "auto" and cluster.gpus < 1):
-        actors = cfg.actors or max(1, int(cpus // CPUS_PER_CPU_ACTOR))
-    else:
-        actors = cfg.actors
+    on_cpu = cfg.device == "cpu" or (
+        cfg.device == "auto"
+        and not cfg.gpus_per_actor
+        and cluster.gpus < 1
+        and cluster.max_gpus < 1
+    )
+    per_actor = ROWS_PER_CPU_ACTOR if on_cpu else ROWS_PER_GPU_ACTOR
+    work_cap = math.ceil(rows / per_actor) if rows else 0
+    actors = cfg.actors
+    if on_cpu and not actors:
+        actors = max(1, int(cpus // CPUS_PER_CPU_ACTOR))
+        actors = min(actors, work_cap) if work_cap else actors
     pool = plan_pool(
         cluster,
         device=cfg.device,
         actors=actors,
         cpus_per_actor=cfg.cpus_per_actor,
+        gpus_per_actor=cfg.gpus_per_actor,
+        max_actors=work_cap,
     )
     on_gpu = pool.device == "cuda"
     if on_gpu:

@@ -67,14 +67,15 @@ class Embedder:
         import torch
 
         from reid_ray.models import load
+        from reid_ray.runtime import hide_unassigned_gpus, resolve_device
 
+        hide_unassigned_gpus()  # a CPU actor on a GPU node never touches its GPUs
         if threads:
             torch.set_num_threads(int(threads))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' requested but torch sees no GPU on this worker")
-        if precision == "auto":
+        requested = device
+        device = resolve_device(device)  # cuda without a GPU raises: no silent CPU run
+        if precision == "auto" or (device == "cpu" and requested == "cuda"):
+            # the second case: REID_RAY_COMPUTE_DEVICE=cpu on a fake GPU node (logged)
             precision = "fp16" if device == "cuda" else "fp32"
         if precision == "fp16" and device != "cuda":
             raise ConfigError("fp16 inference needs a GPU")

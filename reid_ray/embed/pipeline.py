@@ -214,7 +214,13 @@ def embed_manifest(
     """
     from reid_ray.embed.embedder import embedding_key
     from reid_ray.models import load
-    from reid_ray.runtime import cluster_view, init_ray, require_shared_output
+    from reid_ray.runtime import (
+        check_error_rate,
+        cluster_view,
+        init_ray,
+        require_readable_inputs,
+        require_shared_output,
+    )
 
     cfg = cfg or EmbedConfig()
     if not isinstance(cfg, EmbedConfig):
@@ -257,7 +263,8 @@ def embed_manifest(
 
         init_ray()
         require_shared_output(out, "embed --out")
-        plan = plan_resources(cfg, cluster_view())
+        require_readable_inputs(todo["path"].to_pylist()[:8], "images of the manifest")
+        plan = plan_resources(cfg, cluster_view(), rows=todo.num_rows)
         logger.debug("plan: %s", plan.to_dict())
         ds = build_dataset(
             todo,
@@ -293,6 +300,17 @@ def embed_manifest(
         raise OutputError(
             f"the pipeline returned {n_seen} rows for {todo.num_rows} inputs; output incomplete"
         )
+    # a pass over unreadable inputs fails (manifest.json unwritten: the output is not
+    # complete), it does not "succeed" with its rows in errors; a rerun keeps what finished
+    n_bad = n_run_errors + manifest.errors.num_rows
+    check_error_rate(
+        n_bad,
+        table.num_rows + manifest.errors.num_rows,  # rows embedded before count as fine
+        "rows",
+        cfg.max_error_rate,
+        where=rio.join(out, ERRORS_DIR)
+        + (f" (e.g. {error_examples[0]})" if error_examples else ""),
+    )
     summary = EmbedSummary(
         out=out,
         model_ref=model_ref,

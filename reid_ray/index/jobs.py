@@ -25,6 +25,7 @@ from reid_ray.index.faiss_index import (
     DEFAULT_EXACT_THRESHOLD,
     DEFAULT_K,
     build_index,
+    gpu_count,
     load_index,
     read_index_meta,
     save_index,
@@ -93,16 +94,28 @@ def index_embeddings(
     if on_ray:
         import ray
 
-        from reid_ray.runtime import cluster_view, get_result, init_ray, require_shared_output
+        from reid_ray.runtime import (
+            cluster_view,
+            data_reserve,
+            get_result,
+            init_ray,
+            require_shared_output,
+        )
 
         init_ray()
         require_shared_output(out, "index --out")
-        gpus = use_gpu is True or (use_gpu == "auto" and cluster_view().gpus >= 1)
-        task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(index_embeddings)
+        view = cluster_view()
+        # a GPU only when asked for, or on auto where faiss has GPU support and the cluster
+        # GPUs: faiss-cpu on a GPU would hold it idle; the CPUs of one node, all threads
+        gpus = use_gpu is True or (use_gpu == "auto" and view.gpus >= 1 and gpu_count() > 0)
+        cpus = max(
+            1, int((view.node_cpus or view.cpus) - data_reserve(view.node_cpus or view.cpus))
+        )
+        task = ray.remote(num_cpus=cpus, num_gpus=1 if gpus else 0)(_index_task)
         settings = dict(manifest=manifest, split=split, splits=tuple(splits),
                         exact_threshold=exact_threshold, nlist=nlist, nprobe=nprobe,
-                        use_gpu=use_gpu, command=command)  # fmt: skip
-        return get_result(task.remote(embeddings, out, **settings))
+                        use_gpu=use_gpu if gpus else False, command=command)  # fmt: skip
+        return get_result(task.remote(cpus, embeddings, out, **settings))
     t0 = time.perf_counter()
     identities: dict[str, str | None] = {}
     wanted = None
@@ -150,6 +163,18 @@ def index_embeddings(
     return IndexSummary(out, gi.kind, len(gi), gi.dim, gi.key, n_missing, seconds, meta)
 
 
+def _index_task(threads: int, embeddings: str, out: str, **settings: Any) -> IndexSummary:
+    """``index_embeddings`` in a Ray task: faiss threads = the task's CPUs (Ray sets
+    ``OMP_NUM_THREADS=1`` in workers), GPUs hidden unless Ray gave it one."""
+    import faiss
+
+    from reid_ray.runtime import hide_unassigned_gpus
+
+    hide_unassigned_gpus()
+    faiss.omp_set_num_threads(int(threads))
+    return index_embeddings(embeddings, out, **settings)
+
+
 @dataclass
 class SearchSummary:
     out: str
@@ -182,6 +207,9 @@ class QuerySearcher:
         wanted: list[str] | None = None,
         threads: int = 0,
     ) -> None:
+        from reid_ray.runtime import hide_unassigned_gpus
+
+        hide_unassigned_gpus()  # a CPU searcher on a GPU node: faiss-gpu would take them all
         if threads:
             import faiss
 
@@ -303,7 +331,8 @@ def search_embeddings(
 
         init_ray()
         require_shared_output(out, "search --out")
-        pool = plan_pool(cluster_view(), device="cpu", actors=actors)
+        # never more searchers (each holding the index) than query parts to search
+        pool = plan_pool(cluster_view(), device="cpu", actors=min(actors, len(files)))
         read_cpus = max(0.1, min(1.0, pool.free_cpus))
         counts = _query_dataset(embeddings, files, read_cpus).map_batches(
             QuerySearcher,

@@ -2,6 +2,9 @@
 
 Both load their model once in ``__init__`` (one per actor) and map one Ray Data batch in
 ``__call__``; torch/OpenCV threads follow the actor's CPU share (``runtime.set_threads``).
+Each names its ``STAGE``; :func:`plan_stage_pool` sizes its pool: SIFT and the classical
+matcher on CPU pools (their actors see no GPU), DISK/ALIKED and LightGlue on the device the
+config asks for.
 ``MatchActor`` writes each batch's scores as one atomic part (``reid_ray.parts``) with the
 same name in ``pairs/`` and ``errors/``, so an interrupted run keeps every finished batch.
 A bad image or a failed match is recorded with its reason; it never stops a batch.
@@ -17,8 +20,35 @@ import pyarrow as pa
 from reid_ray import io as rio
 from reid_ray.errors import ImageError
 from reid_ray.parts import new_run_id, part_name, write_part
+from reid_ray.rerank.config import RerankConfig
+from reid_ray.runtime import ClusterView, PoolPlan, plan_pool
 
 logger = logging.getLogger(__name__)
+
+#: CPU share of one CPU-stage actor (SIFT, classical matching): single-threaded OpenCV
+#: work, so several small actors beat one large one (a 2-core machine holds two beside
+#: Ray Data's reserve)
+CPUS_PER_CPU_ACTOR = 0.75
+
+
+def plan_stage_pool(
+    cfg: RerankConfig, stage: str, cluster: ClusterView, blocks: int = 0
+) -> PoolPlan:
+    """The actor pool of one re-ranking stage ("features" or "match") for ``blocks`` Ray
+    Data blocks of work (0: unknown): on the stage's device (:meth:`RerankConfig.
+    stage_device`), at most one actor per block (an idle actor holds its CPUs or GPU).
+    ``actors``/``cpus_per_actor`` apply to both stages, ``gpus_per_actor`` to GPU ones."""
+    device = cfg.stage_device(stage)
+    return plan_pool(
+        cluster,
+        device=device,
+        actors=cfg.actors,
+        cpus_per_actor=cfg.cpus_per_actor,
+        gpus_per_actor=cfg.gpus_per_actor if device != "cpu" else 0.0,
+        cpus_per_cpu_actor=CPUS_PER_CPU_ACTOR,
+        max_actors=max(0, int(blocks)),
+    )
+
 
 PAIRS_DIR = "pairs"
 ERRORS_DIR = "errors"
@@ -56,15 +86,18 @@ MATCHED_SCHEMA = pa.schema(
 class FeatureActor:
     """Decode, crop, resize and extract one batch of images into the feature cache."""
 
+    STAGE = "features"
+
     def __init__(self, cfg: dict, cache_root: str, fingerprint: str, threads: int = 1) -> None:
         from reid_ray.rerank.cache import FeatureCache
         from reid_ray.rerank.config import load_rerank_config
         from reid_ray.rerank.features import build_extractor
-        from reid_ray.runtime import resolve_device, set_threads
+        from reid_ray.runtime import hide_unassigned_gpus, resolve_device, set_threads
 
+        hide_unassigned_gpus()
         set_threads(threads)
         self.cfg = load_rerank_config(cfg)
-        self.device = resolve_device(self.cfg.device)
+        self.device = resolve_device(self.cfg.stage_device(self.STAGE))
         self.extractor = build_extractor(self.cfg, self.device)
         self.cache = FeatureCache(cache_root, fingerprint, memory_items=0)
 
@@ -102,6 +135,8 @@ class FeatureActor:
 class MatchActor:
     """Match each query of a batch against its candidates; write one part file per batch."""
 
+    STAGE = "match"
+
     def __init__(
         self,
         cfg: dict,
@@ -115,11 +150,12 @@ class MatchActor:
         from reid_ray.rerank.cache import FeatureCache
         from reid_ray.rerank.config import load_rerank_config
         from reid_ray.rerank.matchers import PairScorer
-        from reid_ray.runtime import resolve_device, set_threads
+        from reid_ray.runtime import hide_unassigned_gpus, resolve_device, set_threads
 
+        hide_unassigned_gpus()
         set_threads(threads)
         self.cfg = load_rerank_config(cfg)
-        self.device = resolve_device(self.cfg.device)
+        self.device = resolve_device(self.cfg.stage_device(self.STAGE))
         self.scorer = PairScorer(self.cfg, self.device)
         self.cache = FeatureCache(cache_root, fingerprint, memory_items=memory_items)
         self.out_dir = out_dir

@@ -19,6 +19,7 @@ MATCHERS = ("lightglue", "classical")
 SCORES = ("auto", "inliers", "confidence")
 GEOMETRIES = ("auto", "none", "homography", "fundamental")
 CALIBRATIONS = ("isotonic", "logistic")
+STAGES = ("features", "match")
 #: The calibration pairs hold at least this many other-identity candidates per query (the
 #: highest-ranked ones): what a caller needs to simulate "this individual is not in the
 #: gallery" by dropping the query's own identity.
@@ -41,7 +42,8 @@ class RerankConfig:
       ``ransac_threshold`` in pixels of the resized image; ``filter_threshold`` LightGlue's
       match threshold; ``adaptive`` LightGlue's adaptive depth and width.
     Work: ``top_k`` candidates per query re-ranked; ``actors`` (0: one per GPU, else
-      one single-threaded actor per CPU); ``cpus_per_actor``/``gpus_per_actor`` (0: automatic);
+      one single-threaded actor per CPU); ``cpus_per_actor``/``gpus_per_actor`` (0: automatic;
+      ``gpus_per_actor`` applies to the GPU stages only, see :meth:`stage_device`);
       ``batch_size`` pairs per matcher call; ``queries_per_batch`` queries per Ray batch
       (and per resumable part file); ``cache_dir`` (None: ``<out>/features``); ``device``.
     Fusion: ``calibration`` isotonic | logistic (scikit-learn); ``calibration_queries``
@@ -159,6 +161,15 @@ class RerankConfig:
         if self.geometry != "auto":
             return self.geometry
         return "none" if self.matcher == "lightglue" else "homography"
+
+    def stage_device(self, stage: str) -> str:
+        """What a stage's actors run on. SIFT extraction (``stage`` "features") and the
+        classical matcher ("match") are CPU code: a CPU pool whatever ``device``, never
+        GPUs held idle. DISK/ALIKED extraction and LightGlue follow ``device`` (cuda asks
+        Ray for GPUs, so an autoscaler adds GPU nodes)."""
+        check_choice("stage", stage, STAGES)
+        cpu_code = self.extractor == "sift" if stage == "features" else self.matcher == "classical"
+        return "cpu" if cpu_code else self.device
 
     def feature_settings(self) -> dict[str, Any]:
         """The fields that decide the extracted features (part of the cache key)."""
