@@ -56,7 +56,12 @@ def quiet_ray(command: Callable) -> Callable:
         if kwargs.get("out"):  # a bucket that is missing or refuses us fails now, not at the end
             rio.check_writable(kwargs["out"])
         route_ray_logs(ray_log_path(kwargs.get("out") or kwargs.get("gallery")))
-        return command(*args, **kwargs)
+        try:
+            return command(*args, **kwargs)
+        finally:  # an s3:// output keeps Ray's log beside its results
+            from reid_ray.runtime import copy_ray_log
+
+            copy_ray_log(kwargs.get("out") or kwargs.get("gallery"))
 
     return run
 

@@ -59,6 +59,9 @@ class Searcher:
     def __init__(self, gallery: str, version: str, k: int, candidates: int):
         from reid_ray.gallery.store import open_version, read_table
         from reid_ray.index import load_index
+        from reid_ray.runtime import hide_unassigned_gpus
+
+        hide_unassigned_gpus()  # a CPU searcher on a GPU node must not see its GPUs
 
         v = open_version(gallery, version)
         self.index = load_index(v.index_folder())
@@ -123,7 +126,7 @@ def search_parts(
     plan = plan_pool(
         view,
         device="cpu",
-        actors=actors or max(1, int(view.cpus // 8)),
+        actors=actors or max(1, min(int(view.cpus // 8), len(files))),  # sized by the queries
         cpus_per_actor=0.5 if view.cpus < 8 else 1.0,
     )
     ds = ds.map_batches(

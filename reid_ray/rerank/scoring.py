@@ -39,16 +39,12 @@ from reid_ray.rerank.actors import (
     STAGE_MANIFEST,
     FeatureActor,
     MatchActor,
+    plan_stage_pool,
 )
 from reid_ray.rerank.config import RerankConfig
 
 logger = logging.getLogger(__name__)
 
-#: CPUs reserved per single-threaded CPU actor: two of them on a 2-core node leave half a
-#: CPU to Ray Data. One thread per actor: on a busy 2-core machine LightGlue with 2 threads
-#: took 1.5-5 s per pair against 0.14 s with one (OpenMP threads spin when the cores are
-#: oversubscribed), and pairs are independent, so more single-threaded actors win.
-CPUS_PER_CPU_ACTOR = 0.75
 SETTINGS_FILE = "scoring.json"
 
 
@@ -135,29 +131,22 @@ def _stored(out_dir: str, sub: str):
 
 
 class _Pool:
-    """Ray and a pool plan per stage, started only when there is work (a finished rerun
-    needs none); CPU actors are capped at the stage's number of blocks (an idle actor
-    holds CPUs and Ray Data warns about it)."""
+    """Ray and a pool plan per stage (:func:`~reid_ray.rerank.actors.plan_stage_pool`: SIFT
+    and the classical matcher on CPU pools, learned extractors and LightGlue on the
+    configured device), started only when there is work (a finished rerun needs none)."""
 
     def __init__(self, cfg: RerankConfig, stats: dict[str, Any], *folders: str) -> None:
         self.cfg, self.stats, self.folders, self.plan = cfg, stats, folders, None
 
-    def kwargs(self, blocks: int) -> dict[str, Any]:
-        from reid_ray.runtime import cluster_view, init_ray, plan_pool, require_shared_output
+    def kwargs(self, blocks: int, stage: str) -> dict[str, Any]:
+        from reid_ray.runtime import cluster_view, init_ray, require_shared_output
 
         if self.plan is None:
             init_ray()
             for folder in self.folders:  # workers write there: every node must see it
                 require_shared_output(folder, "the re-ranking output")
-        self.plan = plan_pool(
-            cluster_view(),
-            device=self.cfg.device,
-            actors=self.cfg.actors,
-            cpus_per_actor=self.cfg.cpus_per_actor,
-            gpus_per_actor=self.cfg.gpus_per_actor,
-            cpus_per_cpu_actor=CPUS_PER_CPU_ACTOR,
-            max_cpu_actors=max(1, blocks),
-        )
+        self.plan = plan_stage_pool(self.cfg, stage, cluster_view(), max(1, blocks))
+        self.stats.setdefault("pools", {})[stage] = self.plan.to_dict()
         self.stats["pool"] = self.plan.to_dict()
         return self.plan.map_batches_kwargs()
 
@@ -165,7 +154,7 @@ class _Pool:
         """``blocks`` through a pool of ``actor(**ctor)``; yields the output batches."""
         import ray
 
-        kwargs = self.kwargs(len(blocks))
+        kwargs = self.kwargs(len(blocks), actor.STAGE)
         ds = ray.data.from_arrow(blocks).map_batches(
             actor,
             fn_constructor_kwargs={**ctor, "threads": self.plan.threads},
