@@ -6,6 +6,7 @@
 # Slurm present, each `ray start` runs on that host through `srun`; otherwise it runs here.
 #
 #   rr_job_dirs ID            per-job temp and spill folders: RR_TMP, RR_SPILL
+#   rr_gpu_count SPEC         GPUs in a Slurm GPU spec: 4, a100:4, a100:2,v100:1 -> 4 4 3
 #   rr_start_head IP PORT     `ray start --head --block` in the background (RR_PIDS)
 #   rr_start_worker ADDRESS   `ray start --address --block` in the background (RR_PIDS)
 #   rr_wait_gcs IP PORT SECS  until the head's GCS port accepts connections (or fail)
@@ -13,6 +14,12 @@
 #   rr_wait_dashboard URL SECS until the job API answers (or fail)
 #   rr_submit URL ID -- CMD   `ray job submit` and check that the job SUCCEEDED
 #   rr_cleanup                stop what rr_start_* started (by PID), remove RR_TMP
+#
+# Each `ray start` runs inside a small wrapper on its node that creates that node's temp
+# folder and removes it when Ray stops (TERM from rr_cleanup, srun or scancel): every node
+# cleans up after itself, not only the one running this script. Under Slurm each step asks
+# for the job's CPUs per task (`srun -c`): Slurm >= 22.05 srun no longer reads
+# SLURM_CPUS_PER_TASK, and a step without -c would pin Ray to 1 CPU while Ray is told more.
 #
 # Settings (environment): RR_NUM_CPUS, RR_NUM_GPUS, RR_DASHBOARD_PORT (8265),
 # RR_HEAD_ARGS / RR_WORKER_ARGS (extra `ray start` arguments, e.g. ports when several nodes
@@ -37,13 +44,47 @@ rr_job_dirs() {
     export RR_TMP RR_SPILL
 }
 
+rr_gpu_count() {
+    # the GPU count in a Slurm GPU spec ("4", "a100:4", "a100:2,v100:1"); empty when empty
+    local spec=${1:-} part total=0
+    [[ -n "$spec" ]] || return 0
+    IFS=, read -r -a parts <<<"$spec"
+    for part in "${parts[@]}"; do
+        part=${part##*:}
+        [[ "$part" =~ ^[0-9]+$ ]] || { rr_log "cannot read a GPU count from '$spec'"; return 1; }
+        total=$((total + part))
+    done
+    echo "$total"
+}
+
 _rr_launcher() {
     # the prefix that runs a command on RR_LAUNCH_NODE: srun under Slurm, nothing here
     RR_LAUNCHER=()
     if [[ -n "${RR_LAUNCH_NODE:-}" && -n "${SLURM_JOB_ID:-}" ]]; then
         RR_LAUNCHER=(srun --nodes=1 --ntasks=1 --overlap -w "$RR_LAUNCH_NODE")
+        if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+            RR_LAUNCHER+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+        fi
     fi
 }
+
+# Runs on the Ray node (through srun or here): make the node's folders, run `ray start
+# --block`, pass TERM/INT/HUP on to it, wait until it has stopped its Ray processes, then
+# remove the node's temp folder (unless RR_KEEP_TMP=1).
+# shellcheck disable=SC2016
+_RR_NODE_STEP='
+mkdir -p "$RR_TMP" "$RR_SPILL"
+"$@" &
+child=$!
+trap "kill -TERM $child 2>/dev/null" TERM INT HUP
+rc=0
+wait "$child" || rc=$?
+while kill -0 "$child" 2>/dev/null; do wait "$child" || rc=$?; done
+if [[ "${RR_KEEP_TMP:-0}" != 1 ]]; then
+    rm -rf "$RR_TMP" 2>/dev/null || { sleep 2; rm -rf "$RR_TMP" 2>/dev/null; } || true
+fi
+exit "$rc"
+'
 
 _rr_resources() {
     local args=()
@@ -57,7 +98,8 @@ rr_start_head() {
     : "${RR_TMP:?call rr_job_dirs first}"
     _rr_launcher
     # shellcheck disable=SC2046,SC2086
-    "${RR_LAUNCHER[@]}" ray start --head --block --node-ip-address="$ip" --port="$port" \
+    "${RR_LAUNCHER[@]}" bash -c "$_RR_NODE_STEP" rr-node \
+        ray start --head --block --node-ip-address="$ip" --port="$port" \
         --temp-dir="$RR_TMP" --object-spilling-directory="$RR_SPILL" \
         --include-dashboard=true --dashboard-host="$ip" \
         --dashboard-port="${RR_DASHBOARD_PORT:-8265}" --disable-usage-stats \
@@ -72,7 +114,8 @@ rr_start_worker() {
     : "${RR_TMP:?call rr_job_dirs first}"
     _rr_launcher
     # shellcheck disable=SC2046,SC2086
-    "${RR_LAUNCHER[@]}" ray start --block --address="$address" \
+    "${RR_LAUNCHER[@]}" bash -c "$_RR_NODE_STEP" rr-node \
+        ray start --block --address="$address" \
         --temp-dir="$RR_TMP" --object-spilling-directory="$RR_SPILL" --disable-usage-stats \
         $(_rr_resources) ${RR_WORKER_ARGS:-} >"$RR_TMP/$name.out" 2>&1 &
     RR_PIDS+=($!)
