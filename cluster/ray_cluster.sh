@@ -70,7 +70,9 @@ _rr_launcher() {
 
 # Runs on the Ray node (through srun or here): make the node's folders, run `ray start
 # --block`, pass TERM/INT/HUP on to it, wait until it has stopped its Ray processes, then
-# remove the node's temp folder (unless RR_KEEP_TMP=1).
+# remove what Ray wrote in the node's temp folder (unless RR_KEEP_TMP=1). The launcher's
+# *.out logs there belong to the script on the first node (it shows them when a start
+# fails, and rr_cleanup removes them last); on every other node the folder goes entirely.
 # shellcheck disable=SC2016
 _RR_NODE_STEP='
 mkdir -p "$RR_TMP" "$RR_SPILL"
@@ -81,7 +83,11 @@ rc=0
 wait "$child" || rc=$?
 while kill -0 "$child" 2>/dev/null; do wait "$child" || rc=$?; done
 if [[ "${RR_KEEP_TMP:-0}" != 1 ]]; then
-    rm -rf "$RR_TMP" 2>/dev/null || { sleep 2; rm -rf "$RR_TMP" 2>/dev/null; } || true
+    for try in 1 2; do
+        find "$RR_TMP" -mindepth 1 -maxdepth 1 ! -name "*.out" -exec rm -rf {} + 2>/dev/null && break
+        sleep 2
+    done
+    rmdir "$RR_TMP" 2>/dev/null || true
 fi
 exit "$rc"
 '
