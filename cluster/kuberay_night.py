@@ -70,7 +70,9 @@ def create(job: dict) -> int:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        raise SystemExit("usage: kuberay_night.py RAYJOB_TEMPLATE.yaml [--print] [--day YYYY-MM-DD]")
+        raise SystemExit(
+            "usage: kuberay_night.py RAYJOB_TEMPLATE.yaml [--print] [--day YYYY-MM-DD]"
+        )
     day = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     if "--day" in argv:
         day = argv[argv.index("--day") + 1]
