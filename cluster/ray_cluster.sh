@@ -12,6 +12,7 @@
 #   rr_wait_gcs IP PORT SECS  until the head's GCS port accepts connections (or fail)
 #   rr_wait_nodes ADDR N SECS until `ray status` lists N alive nodes (or fail)
 #   rr_wait_dashboard URL SECS until the job API answers (or fail)
+#   rr_start_attempts N CMD   run CMD (start + waits) up to N times, cleaning up in between
 #   rr_submit URL ID -- CMD   `ray job submit` and check that the job SUCCEEDED
 #   rr_cleanup                stop what rr_start_* started (by PID), remove RR_TMP
 #
@@ -38,6 +39,7 @@ rr_log() { echo "[reid-ray $(date -u +%H:%M:%S)] $*" >&2; }
 rr_job_dirs() {
     # Ray's socket paths must stay short (< 108 bytes): keep the root short too.
     local id=${1:?job id}
+    RR_JOB_ID=$id
     RR_TMP="${RR_TMP_ROOT:-/tmp}/rr-$id"
     RR_SPILL="$RR_TMP/spill"
     mkdir -p "$RR_TMP" "$RR_SPILL"
@@ -167,6 +169,25 @@ _rr_enough_nodes() { (($(rr_count_nodes "$1") >= $2)); }
 rr_wait_gcs() { _rr_poll "GCS $1:$2" "${3:-120}" 1 _rr_gcs_open "$1" "$2"; }
 rr_wait_nodes() { _rr_poll "$2 Ray node(s) alive at $1" "${3:-300}" 2 _rr_enough_nodes "$1" "$2"; }
 rr_wait_dashboard() { _rr_poll "job API at $1" "${2:-120}" 2 ray job list --address="$1"; }
+
+rr_start_attempts() {
+    # rr_start_attempts N CMD...: CMD starts the cluster and waits for it (returning non-zero
+    # when it did not come up). A raylet gives its node's agents a fixed 15 s to report their
+    # ports and aborts when they are later (a busy node, Python imported from a slow shared
+    # file system): stop what was started and try again, the page cache now warm.
+    local attempts=${1:?attempts} attempt=1
+    shift
+    until "$@"; do
+        if ((attempt >= attempts)); then
+            rr_log "the Ray cluster did not start in $attempt attempt(s)"
+            return 1
+        fi
+        rr_log "the Ray cluster did not start (attempt $attempt): stopping it and starting again"
+        rr_cleanup
+        rr_job_dirs "$RR_JOB_ID"
+        attempt=$((attempt + 1))
+    done
+}
 
 rr_submit() {
     # rr_submit URL SUBMISSION_ID [ray job submit options] -- CMD...; fails unless SUCCEEDED

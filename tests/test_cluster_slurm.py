@@ -135,11 +135,14 @@ set -euo pipefail
 source cluster/ray_cluster.sh
 rr_job_dirs {job_id}
 trap rr_cleanup EXIT
-RR_DASHBOARD_PORT={dash} RR_HEAD_ARGS="{_node_args("head")}" rr_start_head {IP} {gcs}
-rr_wait_gcs {IP} {gcs} 180
-RR_WORKER_ARGS="{_node_args("worker")}" rr_start_worker {IP}:{gcs} w1
-rr_wait_nodes {IP}:{gcs} 2 300
-rr_wait_dashboard http://{IP}:{dash} 180
+start() {{
+    RR_DASHBOARD_PORT={dash} RR_HEAD_ARGS="{_node_args("head")}" rr_start_head {IP} {gcs}
+    rr_wait_gcs {IP} {gcs} 180 || return 1
+    RR_WORKER_ARGS="{_node_args("worker")}" rr_start_worker {IP}:{gcs} w1
+    rr_wait_nodes {IP}:{gcs} 2 300 || return 1
+    rr_wait_dashboard http://{IP}:{dash} 180
+}}
+rr_start_attempts 3 start  # a loaded machine can miss the raylet's 15 s wait for its agents
 test -d "$RR_SPILL"
 python {tmp_path / "submit.py"} http://{IP}:{dash} {result} {workdir}
 """
