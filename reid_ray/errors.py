@@ -93,6 +93,11 @@ def user_message(exc: BaseException) -> str | None:
         if isinstance(item, ReidRayError) and not _is_ray_wrapper(item):
             return str(item).strip().splitlines()[0] if str(item).strip() else type(item).__name__
     names = {type(e).__name__ for e in chain}
+    if any(isinstance(e, ModuleNotFoundError) and e.name == "faiss" for e in chain):
+        return (
+            "FAISS is not installed: install reid-ray with one FAISS extra, "
+            "pip install -c constraints.txt -e '.[cpu]' (or '.[gpu]' on a GPU node; never both)"
+        )
     if names & {"NoCredentialsError", "PartialCredentialsError"}:
         return f"no S3 credentials found. {S3_SETTINGS_HINT}."
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"}:

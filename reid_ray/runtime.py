@@ -17,7 +17,7 @@ One rule for resources, used by embedding, re-ranking, training and the stages t
 * **Leave CPUs for Ray Data.** Actors together take at most the cluster's CPUs less a
   reserve for the read/decode tasks that feed them: half a CPU on small nodes
   (< 8 CPUs), a quarter of the CPUs otherwise. Two actors holding every CPU of a 2-core
-  machine hang the read tasks (``ENVIRONMENT.md``).
+  machine hang the read tasks (``docs/design.md``).
 * **Threads follow the CPU share.** Ray sets ``OMP_NUM_THREADS=1`` in workers; an actor
   sets torch/OpenCV threads to ``ceil(cpus_per_actor)``.
 

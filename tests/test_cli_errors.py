@@ -175,3 +175,17 @@ def test_ray_logs_are_named_once_ray_runs(ray_cluster, tmp_path, capsys):
         assert capsys.readouterr().out.count(f"Ray logs: {path}") == 1
     finally:
         console._state.update(saved)
+
+
+def test_a_venv_without_faiss_gets_one_line_naming_the_extras():
+    from reid_ray.errors import user_message
+
+    missing = ModuleNotFoundError("No module named 'faiss'", name="faiss")
+    message = user_message(RuntimeError("search failed").with_traceback(None))
+    assert message is None  # a bug keeps its traceback
+    try:
+        raise RuntimeError("search failed") from missing
+    except RuntimeError as exc:
+        message = user_message(exc)
+    assert message.startswith("FAISS is not installed") and "'.[cpu]'" in message
+    assert user_message(ModuleNotFoundError("No module named 'kornia'", name="kornia")) is None

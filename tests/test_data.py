@@ -1,4 +1,4 @@
-"""Manifests and images: every bad-input case of DESIGN.md, local and on a real S3 server."""
+"""Manifests and images: every bad-input case of the README contract, local and on a real S3 server."""
 
 from __future__ import annotations
 

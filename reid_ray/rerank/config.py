@@ -1,6 +1,6 @@
 """The re-ranking configuration: one frozen dataclass read by ``reid_ray.config.load_config``.
 
-Defaults are chosen for a CPU machine (measured in ENVIRONMENT.md and in
+Defaults are chosen for a CPU machine (measured in docs/design.md and in
 ``benchmarks/results/rerank_throughput.json``): ALIKED or DISK at a long side of 512 px with
 at most 512 keypoints keeps extraction around 0.2-0.8 s per image and LightGlue around
 50-120 ms per pair on 2 threads.
