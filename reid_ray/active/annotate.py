@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 
 from reid_ray import io as rio
 from reid_ray.active.oracle import (
@@ -30,6 +29,7 @@ from reid_ray.active.oracle import (
     write_answers,
 )
 from reid_ray.errors import ConfigError
+from reid_ray.webpage import BackgroundServer, PidLock, warn_unless_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -157,60 +157,17 @@ def find_pairs_folder(folder: str) -> str:
     )
 
 
-class FolderLock:
-    """One annotation server per pairs folder: a lock file holding the server's pid (a
-    stale one, whose process is gone, is taken over)."""
+class FolderLock(PidLock):
+    """One annotation server per pairs folder (:class:`reid_ray.webpage.PidLock`)."""
 
     def __init__(self, folder: str):
-        self.path = os.path.join(folder, LOCK_FILE)
-        self.held = False
-
-    def acquire(self) -> None:
-        if rio.is_remote(self.path):
-            return  # only local folders can be locked; a remote folder has one reader
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid = _read_pid(self.path)
-                if pid is not None and _alive(pid):
-                    raise ConfigError(
-                        f"another annotation page (pid {pid}) already serves "
-                        f"{os.path.dirname(self.path)}: open that one (one writer per folder)"
-                    ) from None
-                os.remove(self.path)  # stale
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            self.held = True
-            return
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
-
-
-def _read_pid(path: str) -> int | None:
-    try:
-        return int(open(path).read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        super().__init__(
+            os.path.join(folder, LOCK_FILE),
+            lambda pid, path: (
+                f"another annotation page (pid {pid}) already serves "
+                f"{os.path.dirname(path)}: open that one (one writer per folder)"
+            ),
+        )
 
 
 def _next_step(folder: str) -> str:
@@ -302,50 +259,18 @@ class PageServer:
     """The page on a background thread (tests, notebooks): ``url``, ``folder``, ``stop()``."""
 
     def __init__(self, folder: str, host: str = "127.0.0.1", port: int = 0):
-        from aiohttp import web
-
         self.folder = find_pairs_folder(folder)
-        self._lock = FolderLock(self.folder)
-        self._lock.acquire()
-        self._loop = asyncio.new_event_loop()
+        self._lock = FolderLock(self.folder).acquire()
         try:
-            self._runner = web.AppRunner(make_app(self.folder))
+            self._server = BackgroundServer(make_app(self.folder), host, port, "annotation page")
         except BaseException:
             self._lock.release()
             raise
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._loop.run_until_complete(self._runner.setup())
-                site = web.TCPSite(self._runner, host, port)
-                self._loop.run_until_complete(site.start())
-                bound = site._server.sockets[0].getsockname()  # noqa: SLF001 - port 0
-                self.url = f"http://{host}:{bound[1]}/"
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                errors.append(exc)
-                ready.set()
-                return
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="annotation-page", daemon=True)
-        self._thread.start()
-        ready.wait(30)
-        if errors:
-            self._lock.release()
-            raise ConfigError(f"could not start the annotation page: {errors[0]}")
+        self.url = self._server.url
 
     def stop(self) -> None:
-        async def close():
-            await self._runner.cleanup()
-
         try:
-            asyncio.run_coroutine_threadsafe(close(), self._loop).result(30)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
+            self._server.stop()
         finally:
             self._lock.release()
 
@@ -356,8 +281,7 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8765, announce=None)
     from aiohttp import web
 
     folder = find_pairs_folder(folder)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("the annotation page has no login; serving on %s exposes it", host)
+    warn_unless_loopback(host, "annotation page")
     lock = FolderLock(folder)
     lock.acquire()
     try:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 from functools import partial
 
 from reid_ray import io as rio
@@ -18,57 +16,26 @@ from reid_ray.errors import ConfigError, ImageError, ReidRayError
 from reid_ray.review.images import DEFAULT_HEIGHT, match_drawing, read_crop
 from reid_ray.review.page import PAGE
 from reid_ray.review.state import ReviewState
+from reid_ray.webpage import BackgroundServer, PidLock, warn_unless_loopback
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "review.lock"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class ServerLock:
-    """``DIR/review.lock`` holding this process's id: one review server per night (a lock
-    left by a process that is gone is taken over). Local folders only."""
-
-    path: str | None
+class ServerLock(PidLock):
+    """``DIR/review.lock``: one review server per night (:class:`reid_ray.webpage.PidLock`;
+    this process counts too, so a second server in it is refused)."""
 
     def __init__(self, results_dir: str):
-        self.path = None if rio.is_remote(results_dir) else rio.join(results_dir, LOCK_NAME)
-        if self.path is None:
-            logger.warning("%s is remote: no lock against a second review server", results_dir)
-            return
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(open(self.path).read().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid):  # this process too: a second server in it
-                    raise ConfigError(
-                        f"another review server (process {pid}) is serving {results_dir}: "
-                        f"use its page, or stop it (or remove {self.path} if it is gone)"
-                    ) from None
-                os.remove(self.path)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            return
-        raise ConfigError(f"could not take {self.path}")
-
-    def release(self) -> None:
-        if self.path and os.path.exists(self.path):
-            os.remove(self.path)
+        super().__init__(
+            rio.join(results_dir, LOCK_NAME),
+            lambda pid, path: (
+                f"another review server (process {pid}) is serving "
+                f"{results_dir}: use its page, or stop it (or remove {path} if it is gone)"
+            ),
+        )
+        self.acquire()
 
 
 def make_app(state: ReviewState):
@@ -159,49 +126,20 @@ class ReviewServer:
     """The page on a background thread (tests, notebooks): ``url``, ``state``, ``stop()``."""
 
     def __init__(self, results_dir: str, host: str = "127.0.0.1", port: int = 0, **kwargs):
-        from aiohttp import web
-
         self.lock = ServerLock(results_dir)
         try:
             self.state = ReviewState(results_dir, **kwargs)
+            self._server = BackgroundServer(make_app(self.state), host, port, "review page")
         except BaseException:
             self.lock.release()
             raise
-        self._loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(make_app(self.state))
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def serve_forever() -> None:
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._loop.run_until_complete(self._runner.setup())
-                site = web.TCPSite(self._runner, host, port)
-                self._loop.run_until_complete(site.start())
-                bound = site._server.sockets[0].getsockname()  # noqa: SLF001 - port 0
-                self.url = f"http://{host}:{bound[1]}/"
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                errors.append(exc)
-                ready.set()
-                return
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=serve_forever, name="review-page", daemon=True)
-        self._thread.start()
-        ready.wait(30)
-        if errors:
-            self.lock.release()
-            raise ConfigError(f"could not start the review page: {errors[0]}")
+        self.url = self._server.url
 
     def stop(self) -> None:
-        async def close():
-            await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
-        self.lock.release()
+        try:
+            self._server.stop()
+        finally:
+            self.lock.release()
 
 
 def serve(
@@ -216,8 +154,7 @@ def serve(
     called before serving. Returns the state as the page left it."""
     from aiohttp import web
 
-    if host not in LOOPBACK:
-        logger.warning("the review page has no login; serving on %s exposes it", host)
+    warn_unless_loopback(host, "review page")
     lock = ServerLock(results_dir)
     try:
         state = ReviewState(results_dir, **kwargs)
