@@ -51,11 +51,9 @@ def test_summary_mean_and_spread_over_seeds():
 
 
 @pytest.mark.slow
-def test_sweep_killed_and_resumed(tmp_path, ray_cluster):
-    """A real sweep (its own driver process, joined to the session's Ray cluster as a job
-    joins a cluster) is killed once its first trial finished; the rerun restores the
-    experiment and does not redo that trial. Ray ends a dead driver's actors and placement
-    groups, so the rerun finds the cluster's CPUs free."""
+def test_sweep_killed_and_resumed(tmp_path):
+    """A real sweep (own local Ray cluster in a subprocess) is killed once its first trial
+    finished; the rerun restores the experiment and does not redo that trial."""
     config = {
         "out": str(tmp_path / "sweep"),
         "model": "timm:efficientnet_lite0",
@@ -68,6 +66,7 @@ def test_sweep_killed_and_resumed(tmp_path, ray_cluster):
         "seeds": [0],
         "al": {"rounds": 1, "train": {"epochs": 1, "workers": 1, "cpus_per_worker": 1.0,
                                       "batch_size": 4}},
+        "num_cpus": 2,
     }  # fmt: skip
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -75,11 +74,7 @@ def test_sweep_killed_and_resumed(tmp_path, ray_cluster):
     # manifest.json is an AL run's last file: its presence means the run is complete
     first = trial_out(config["out"], "zoo", "random", "5%", 0) + "/manifest.json"
     second = trial_out(config["out"], "zoo", "random", "20%", 0) + "/manifest.json"
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-    }
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "first.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env=env)  # fmt: skip
