@@ -18,6 +18,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller notices a finished run at its next poll (every 2 s by default):
+# poll every 0.5 s. Its preemption watcher (one more actor process per training run) only
+# matters on clusters whose nodes get drained. Raylets and workers inherit both.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 S3_KEY = "testing"
 S3_SECRET = "testing"

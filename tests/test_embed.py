@@ -389,7 +389,8 @@ def test_resume_after_the_job_is_killed(ray_cluster, tmp_path):
     from reid_ray.synth import generate_zoo
 
     zoo_dir = tmp_path / "zoo"
-    generate_zoo(str(zoo_dir), species=2, individuals=20, images_per=10, size=64, seed=1)
+    # 120 images in parts of 8: the kill lands after 3 of 15 parts, the rerun embeds the rest
+    generate_zoo(str(zoo_dir), species=2, individuals=12, images_per=10, size=64, seed=1)
     manifest = str(zoo_dir / "metadata.csv")
     all_ids = set(pd.read_csv(manifest, dtype=str)["image_id"])
     out = str(tmp_path / "out")
