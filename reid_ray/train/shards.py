@@ -174,24 +174,30 @@ def write_shard_batch(batch: dict, *, folder: str, spec: dict, run: str) -> dict
 
 
 def read_shard_batch(batch: dict, *, take: dict, spec: dict) -> dict:
-    """Rows of parts (with the ``path`` Ray's reader adds) -> the training columns of the
-    rows this run takes from that part (others belong to other runs, or are older copies)."""
+    """Parts named in ``batch["part"]`` -> the training columns of the rows this run takes
+    from each (others belong to other runs, or are older copies of a changed image)."""
+    from reid_ray.parts import read_part
+
     shard = ShardSpec(**spec)
-    keep, images, labels, identities = [], [], [], []
-    for i, (image_id, path) in enumerate(zip(batch["image_id"], batch["path"], strict=True)):
-        entry = take.get(str(image_id))
-        if entry is None or entry[0] != os.path.basename(str(path)):
-            continue
-        keep.append(i)
-        images.append(decode_stored(batch["image"][i], shard))
-        labels.append(entry[1])
-        identities.append(entry[2])
-    n = len(keep)
+    ids, images, labels, identities = [], [], [], []
+    for path in batch["part"]:
+        name = os.path.basename(str(path))
+        table = read_part(str(path), columns=["image_id", "image"])
+        for image_id, data in zip(
+            table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True
+        ):
+            entry = take.get(image_id)
+            if entry is None or entry[0] != name:
+                continue
+            ids.append(image_id)
+            images.append(decode_stored(data, shard))
+            labels.append(entry[1])
+            identities.append(entry[2])
     return {
-        "image_id": np.asarray([str(batch["image_id"][i]) for i in keep], dtype=object),
+        "image_id": np.asarray(ids, dtype=object),
         "identity": np.asarray(identities, dtype=object),
         "image": (
-            np.stack(images) if n else np.zeros((0, shard.size, shard.size, 3), dtype=np.uint8)
+            np.stack(images) if ids else np.zeros((0, shard.size, shard.size, 3), dtype=np.uint8)
         ),
         "label": np.asarray(labels, dtype=np.int64),
     }
@@ -264,6 +270,8 @@ def ensure_shards(
 ) -> ShardSet:
     """Make sure every row of ``table`` (manifest rows) has its image in the shards under
     ``root``; decode and write only the rows that are missing, on ``tasks`` Ray Data tasks."""
+    import ray.data
+
     from reid_ray.data.pipeline import manifest_dataset
     from reid_ray.parts import new_run_id, remove_temporary
 
@@ -289,7 +297,7 @@ def ensure_shards(
             batch_size=rows_per_part,
             batch_format="numpy",
             num_cpus=cpus_per_task,
-            concurrency=max(1, tasks),
+            compute=ray.data.TaskPoolStrategy(size=max(1, tasks)),
         )
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for part, image_id, source, error in zip(
@@ -319,21 +327,15 @@ def shard_dataset(shards: ShardSet, *, tasks: int, cpus_per_task: float):
 
     if not shards.take:
         raise ConfigError(f"no usable images in the shards under {shards.folder}")
-    fs, _ = rio.arrow_filesystem(shards.folder)
-    bare = [rio.arrow_filesystem(f)[1] for f in shards.files]
-    ds = ray.data.read_parquet(
-        bare,
-        filesystem=fs,
-        columns=["image_id", "image"],
-        include_paths=True,
-        concurrency=max(1, tasks),
-        ray_remote_args={"num_cpus": cpus_per_task},
-    )
+    files = shards.files
+    # one operator (read + decode in the same task, one part per call): nothing waits
+    # between a reader and a decoder for the few CPUs the training workers leave
+    ds = ray.data.from_items([{"part": f} for f in files], override_num_blocks=len(files))
     return ds.map_batches(
         read_shard_batch,
         fn_kwargs={"take": shards.take, "spec": dataclasses.asdict(shards.spec)},
         batch_format="numpy",
-        batch_size=64,
+        batch_size=1,
         num_cpus=cpus_per_task,
-        concurrency=max(1, tasks),
+        compute=ray.data.TaskPoolStrategy(size=max(1, tasks)),
     )
