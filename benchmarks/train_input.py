@@ -56,10 +56,12 @@ def make_frames(work: str, images: int, frame: tuple[int, int], seed: int = 0) -
     w, h = frame
     os.makedirs(os.path.join(work, "frames", "img"), exist_ok=True)
     rows = []
-    for image_id, path, identity in zip(
+    boxes = table["bbox"].to_pylist() if "bbox" in table.column_names else [None] * table.num_rows
+    for image_id, path, identity, box in zip(
         table["image_id"].to_pylist(),
         table["path"].to_pylist(),
         table["identity"].to_pylist(),
+        boxes,
         strict=True,
     ):
         animal = Image.open(path).convert("RGB")
@@ -72,9 +74,10 @@ def make_frames(work: str, images: int, frame: tuple[int, int], seed: int = 0) -
         img.paste(animal, (x, y))
         out = os.path.join(work, "frames", "img", f"{image_id}.jpg")
         img.save(out, quality=90)
+        bx, by, bw, bh = box if box is not None else (0, 0, animal.width, animal.height)
         rows.append(
             {"image_id": image_id, "path": out, "identity": identity,
-             "bbox": f"{x},{y},{animal.width},{animal.height}"}
+             "bbox": f"{x + bx:g},{y + by:g},{bw:g},{bh:g}"}
         )  # fmt: skip
     tmp = manifest + ".tmp"
     with open(tmp, "w", newline="") as f:
@@ -109,8 +112,12 @@ def run_one(manifest: str, out: str, feed: str, model: str, image_size: int, epo
         "train_images": s["counts"]["train_images"],
         "errors": s["counts"]["errors"],
         "epochs": [
-            {"epoch": h["epoch"], "images": h["images"], "train_s": h["train_s"],
-             "images_per_s": h["images_per_s"]}
+            {
+                "epoch": h["epoch"],
+                "images": h["images"],
+                "train_s": h["train_s"],
+                "images_per_s": h["images_per_s"],
+            }
             for h in s["history"]
         ],  # fmt: skip
         "prepare_s": s["timings"]["prepare_s"],
@@ -171,14 +178,14 @@ def write_markdown(path: str, result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="/tmp/reid-ray-train-input")
-    p.add_argument("--images", type=int, default=1500)
+    p.add_argument("--images", type=int, default=1000)
     p.add_argument("--frame", type=int, nargs=2, default=[1280, 960], metavar=("W", "H"))
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--tiny-model", default="timm-random:resnet18")
     p.add_argument("--tiny-size", type=int, default=32)
     p.add_argument("--real-model", default="timm:efficientnet_lite0")
     p.add_argument("--real-size", type=int, default=128)
-    p.add_argument("--real-images", type=int, default=320, help="0: skip the real-model row")
+    p.add_argument("--real-images", type=int, default=240, help="0: skip the real-model row")
     p.add_argument("--real-epochs", type=int, default=2)
     p.add_argument("--json", default=os.path.join(REPO, "benchmarks/results/train_input.json"))
     p.add_argument("--md", default=os.path.join(REPO, "docs/results/train_input.md"))
