@@ -47,13 +47,22 @@ def make_frames(work: str, images: int, frame: tuple[int, int], seed: int = 0) -
     if os.path.exists(manifest):
         return manifest
     per = 10
-    zoo = generate_zoo(
-        os.path.join(work, "zoo"), species=3, individuals=max(3, images // per), images_per=per,
-        size=256, seed=seed,
-    )  # fmt: skip
-    table = read_manifest(zoo.metadata_path).table
+    zoo_manifest = os.path.join(work, "zoo", "metadata.csv")
+    if not os.path.exists(zoo_manifest):
+        generate_zoo(
+            os.path.join(work, "zoo"), species=3, individuals=max(3, images // per),
+            images_per=per, size=256, seed=seed,
+        )  # fmt: skip
+    table = read_manifest(zoo_manifest).table
     rng = np.random.default_rng(seed)
     w, h = frame
+    # a few smooth random backgrounds with some grain: they compress like photos, not noise
+    backgrounds = []
+    for _ in range(8):
+        small = rng.integers(0, 256, (h // 64 + 1, w // 64 + 1, 3), dtype=np.uint8)
+        bg = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
+        grain = rng.integers(-8, 9, bg.shape, dtype=np.int16)
+        backgrounds.append(Image.fromarray(np.clip(bg + grain, 0, 255).astype(np.uint8)))
     os.makedirs(os.path.join(work, "frames", "img"), exist_ok=True)
     rows = []
     boxes = table["bbox"].to_pylist() if "bbox" in table.column_names else [None] * table.num_rows
@@ -65,11 +74,7 @@ def make_frames(work: str, images: int, frame: tuple[int, int], seed: int = 0) -
         strict=True,
     ):
         animal = Image.open(path).convert("RGB")
-        # a smooth random background with some grain: compresses like a photo, not like noise
-        small = rng.integers(0, 256, (h // 64 + 1, w // 64 + 1, 3), dtype=np.uint8)
-        bg = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
-        bg = np.clip(bg + rng.normal(0, 6, bg.shape), 0, 255).astype(np.uint8)
-        img = Image.fromarray(bg)
+        img = backgrounds[int(rng.integers(len(backgrounds)))].copy()
         x, y = int(rng.integers(0, w - animal.width)), int(rng.integers(0, h - animal.height))
         img.paste(animal, (x, y))
         out = os.path.join(work, "frames", "img", f"{image_id}.jpg")
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = make_frames(args.work, args.images, tuple(args.frame))
     init_ray()
     rows = []
-    plans = [(args.tiny_model, args.tiny_size, args.epochs, 0)]
+    plans = [(args.tiny_model, args.tiny_size, args.epochs, args.images)]
     if args.real_images:
         plans.append((args.real_model, args.real_size, args.real_epochs, args.real_images))
     try:
