@@ -33,6 +33,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("train_input")
+FEEDS = ("decode", "shards")
 
 
 def make_frames(work: str, images: int, frame: tuple[int, int], seed: int = 0) -> str:
@@ -109,7 +110,11 @@ def run_one(manifest: str, out: str, feed: str, model: str, image_size: int, epo
         manifest = sub
     t0 = time.perf_counter()
     s = train(manifest, out, config=cfg, resume=False)
-    wall = time.perf_counter() - t0
+    return summary_row(s, feed, model, image_size, time.perf_counter() - t0)
+
+
+def summary_row(s: dict, feed: str, model: str, image_size: int, wall: float) -> dict:
+    """One benchmark row from a run's ``metrics.json`` content."""
     return {
         "feed": feed,
         "model": model,
@@ -194,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-epochs", type=int, default=2)
     p.add_argument("--json", default=os.path.join(REPO, "benchmarks/results/train_input.json"))
     p.add_argument("--md", default=os.path.join(REPO, "docs/results/train_input.md"))
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: write the JSON and Markdown from the runs already in --work",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -203,24 +213,41 @@ def main(argv: list[str] | None = None) -> int:
 
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     os.makedirs(args.work, exist_ok=True)
-    manifest = make_frames(args.work, args.images, tuple(args.frame))
-    init_ray()
     rows = []
     plans = [(args.tiny_model, args.tiny_size, args.epochs, args.images)]
     if args.real_images:
         plans.append((args.real_model, args.real_size, args.real_epochs, args.real_images))
-    try:
-        for model, size, epochs, n in plans:
+
+    def out_dir(model: str, size: int, feed: str) -> str:
+        return os.path.join(args.work, f"out-{model.split(':')[-1]}-{size}-{feed}")
+
+    if args.collect:
+        for model, size, _, _ in plans:
+            paths = {f: os.path.join(out_dir(model, size, f), "metrics.json") for f in FEEDS}
+            if not all(os.path.exists(p) for p in paths.values()):
+                continue
             row = {}
-            for feed in ("decode", "shards"):
-                out = os.path.join(args.work, f"out-{model.split(':')[-1]}-{size}-{feed}")
-                logger.info("training %s at %d px, feed %s", model, size, feed)
-                row[feed] = run_one(manifest, out, feed, model, size, epochs, n)
-                logger.info("%s", json.dumps(row[feed]["epochs"]))
-            row["ratio"] = _later_epochs_rate(row["shards"]) / _later_epochs_rate(row["decode"])
+            for feed, path in paths.items():
+                with open(path) as f:
+                    s = json.load(f)
+                row[feed] = summary_row(s, feed, model, size, s["timings"]["total_s"])
             rows.append(row)
-    finally:
-        ray.shutdown()
+    else:
+        manifest = make_frames(args.work, args.images, tuple(args.frame))
+        init_ray()
+        try:
+            for model, size, epochs, n in plans:
+                row = {}
+                for feed in FEEDS:
+                    logger.info("training %s at %d px, feed %s", model, size, feed)
+                    out = out_dir(model, size, feed)
+                    row[feed] = run_one(manifest, out, feed, model, size, epochs, n)
+                    logger.info("%s", json.dumps(row[feed]["epochs"]))
+                rows.append(row)
+        finally:
+            ray.shutdown()
+    for row in rows:
+        row["ratio"] = _later_epochs_rate(row["shards"]) / _later_epochs_rate(row["decode"])
     result = {
         "benchmark": "train_input",
         "command": "PYTHONPATH=$PWD python benchmarks/train_input.py " + " ".join(sys.argv[1:]),
