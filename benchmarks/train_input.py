@@ -151,6 +151,7 @@ def write_markdown(path: str, result: dict) -> None:
         f"Measured {result['date']} on {result['machine']}, load before: "
         f"`{result['uptime_before']}`, after: `{result['uptime_after']}`.",
         "",
+        *([result["note"], ""] if result.get("note") else []),
         "```",
         result["command"],
         "```",
@@ -166,11 +167,11 @@ def write_markdown(path: str, result: dict) -> None:
     ]
     for row in result["rows"]:
         for r in (row["decode"], row["shards"]):
-            rates = ", ".join(f"{e['images_per_s']:.0f}" for e in r["epochs"])
+            rates = ", ".join(f"{e['images_per_s']:.1f}" for e in r["epochs"])
             ratio = f"**{row['ratio']:.2f}x**" if r["feed"] == "shards" else ""
             lines.append(
                 f"| {r['model']} | {r['image_size']} | {r['feed']} | {r['train_images']} | "
-                f"{r['prepare_s']:.1f} | {rates} | {_later_epochs_rate(r):.0f} | {ratio} |"
+                f"{r['prepare_s']:.1f} | {rates} | {_later_epochs_rate(r):.1f} | {ratio} |"
             )
     lines += [
         "",
@@ -183,6 +184,17 @@ def write_markdown(path: str, result: dict) -> None:
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def _shown(argv: list[str]) -> list[str]:
+    """The command's arguments less ``--note`` (recorded on its own)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a == "--note":
+            skip = a == "--note"
+            continue
+        out.append(a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="train nothing: write the JSON and Markdown from the runs already in --work",
     )
+    p.add_argument("--note", default="", help="recorded with the figures (e.g. the load seen)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -250,13 +263,15 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio"] = _later_epochs_rate(row["shards"]) / _later_epochs_rate(row["decode"])
     result = {
         "benchmark": "train_input",
-        "command": "PYTHONPATH=$PWD python benchmarks/train_input.py " + " ".join(sys.argv[1:]),
+        "command": "PYTHONPATH=$PWD python benchmarks/train_input.py "
+        + " ".join(_shown(sys.argv[1:])),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
         "uptime_before": uptime_before,
         "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "frames": args.images,
         "frame": list(args.frame),
+        "note": args.note,
         "rows": rows,
     }
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
