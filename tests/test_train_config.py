@@ -20,6 +20,7 @@ def test_shipped_job_config_loads():
     assert job.manifest and job.out
     assert job.train.augment.hflip is False  # flanks differ: no flip by default
     assert job.train.loss.margin_min < job.train.loss.margin  # dynamic margins on
+    assert job.train.feed == "shards"  # decoded once, not every epoch
 
 
 def test_defaults_are_valid_and_round_trip():
@@ -46,6 +47,9 @@ def test_defaults_are_valid_and_round_trip():
         ({"sampler": "balanced"}, "sampler must be one of"),
         ({"sampler": "pk", "batch_size": 30, "pk_k": 4}, "batch_size = P x pk_k"),
         ({"pooling": "max"}, "pooling must be one of"),
+        ({"feed": "files"}, "feed must be one of"),
+        ({"shard_format": "webp"}, "shard_format must be one of"),
+        ({"shard_quality": 101}, r"shard_quality must be in \[50, 100\]"),
     ],
 )
 def test_bad_values_raise_config_error(data, match):

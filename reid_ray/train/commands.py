@@ -17,6 +17,16 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _feed_text(feed: dict) -> str:
+    if feed.get("feed") != "shards":
+        return "decoded from the original files every epoch"
+    return (
+        f"shards in {feed.get('root')} ({feed.get('written', 0)} decoded now, "
+        f"{feed.get('reused', 0)} reused); {feed.get('read_tasks')} reader(s) x "
+        f"{feed.get('read_cpus')} CPU each epoch"
+    )
+
+
 def summary_rows(summary: dict) -> list[tuple[str, str]]:
     """The one-screen summary of a run (``metrics.json``), as key/value rows."""
     c, t, r = summary["counts"], summary["timings"], summary["resources"]
@@ -38,8 +48,9 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
                    + (" (already complete: nothing run)" if summary.get("skipped") else "")),
         ("val mAP by epoch", curve + (" ..." if len(summary["val_mAP"]) > 8 else "") if curve else "-"),
         ("best", f"epoch {summary['best_epoch']}, val mAP {_fmt(summary['best_val_mAP'])}"),
+        ("images", _feed_text(summary.get("feed") or {})),
         ("workers", f"{r['workers']} x {r['per_worker']}"),
-        ("time", f"{t['total_s']:.1f} s (decode {t['prepare_s']:.1f} s, fit {t['fit_s']:.1f} s, "
+        ("time", f"{t['total_s']:.1f} s (images {t['prepare_s']:.1f} s, fit {t['fit_s']:.1f} s, "
                  f"{_fmt(t['mean_epoch_s'], 1)} s/epoch)"),
         ("checkpoint", f"{summary['checkpoint']} (use as --model)"),
     ]  # fmt: skip

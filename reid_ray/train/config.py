@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from reid_ray.config import check, load_config, to_dict
 
 SAMPLERS = ("random", "pk")
+FEEDS = ("shards", "decode")
+SHARD_FORMATS = ("jpeg", "png", "raw")
 POOLINGS = ("gem", "avg")
 RESIZE_MODES = ("resize", "letterbox")
 
@@ -133,6 +135,14 @@ class TrainConfig:
     calibration_fraction: float = 0.1
     calibration_min_identities: int = 20
     decoded_cache_mb: int = 1024  # decoded sets up to this size stay in the object store
+    # where each epoch's images come from: "shards" (every image decoded, cropped and
+    # resized once into Parquet shards, read back small every epoch and reused by later
+    # runs with the same input size) or "decode" (the original files decoded again every
+    # epoch on at most 8 half-CPU tasks: the former path, kept to measure against)
+    feed: str = "shards"
+    shard_cache: str | None = None  # the shards' folder (local or s3://); None: OUT/shards
+    shard_format: str = "jpeg"  # jpeg (at shard_quality), png, or raw uint8 (exact, ~8x larger)
+    shard_quality: int = 95
     val_top_k: int = 100  # validation ranks each image's FAISS top-K (mAP@K)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -208,6 +218,15 @@ class TrainConfig:
         check(
             self.decoded_cache_mb >= 0,
             f"decoded_cache_mb must be >= 0, got {self.decoded_cache_mb}",
+        )
+        check(self.feed in FEEDS, f"feed must be one of {FEEDS}, got {self.feed!r}")
+        check(
+            self.shard_format in SHARD_FORMATS,
+            f"shard_format must be one of {SHARD_FORMATS}, got {self.shard_format!r}",
+        )
+        check(
+            50 <= self.shard_quality <= 100,
+            f"shard_quality must be in [50, 100], got {self.shard_quality}",
         )
         check(self.val_top_k >= 1, f"val_top_k must be >= 1, got {self.val_top_k}")
         self.loss.validate()

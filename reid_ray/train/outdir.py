@@ -25,7 +25,7 @@ OUTPUT_FILES = (
 #: settings that may change between a run and its resumption (resources, length)
 RESUMABLE_CHANGES = (
     "epochs", "workers", "cpus_per_worker", "gpus_per_worker", "max_failures",
-    "keep_checkpoints", "decoded_cache_mb",
+    "keep_checkpoints", "decoded_cache_mb", "feed", "shard_cache", "shard_format", "shard_quality",
 )  # fmt: skip
 
 

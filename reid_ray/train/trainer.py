@@ -1,4 +1,4 @@
-"""Ray Train wiring: manifest -> decoded Ray Datasets -> ``TorchTrainer`` -> ``OUT/model.pt``.
+"""Ray Train wiring: manifest -> image shards -> Ray Datasets -> ``TorchTrainer`` -> ``OUT/model.pt``.
 
 ``train()`` reads the manifest (metadata only) on the driver, keeps whole identities out
 for calibration (:mod:`~reid_ray.train.rows`), maps the other identities to class indices
@@ -10,6 +10,8 @@ workers (DDP: gloo on CPU, NCCL on GPU) sized by :func:`reid_ray.runtime.plan_po
 Layout of ``OUT`` (local or ``s3://``; a local one is refused on a multi-node cluster)::
 
     run/epoch_NNNN/       Ray Train checkpoints (model.pt + state.pt): best and latest kept
+    shards/<fingerprint>/ the images decoded and resized once (:mod:`~reid_ray.train.shards`;
+                          ``shard_cache`` puts them elsewhere; kept by ``--no-resume``)
     train_config.json     the configuration the run was started with (resume checks it)
     model.pt              the best epoch's checkpoint: usable as --model anywhere
     calibration_ids.txt   image_ids of the held-out calibration identities (never trained on)
@@ -42,7 +44,7 @@ from reid_ray.models import CHECKPOINT_FILE, Preprocess, ReidNet, load, reid_net
 from reid_ray.parts import write_run_record
 from reid_ray.runtime import ClusterView, PoolPlan, plan_pool
 from reid_ray.train.config import TrainConfig
-from reid_ray.train.data import decoded_dataset
+from reid_ray.train.data import training_feed
 from reid_ray.train.losses import dynamic_margins
 from reid_ray.train.outdir import RUN_NAME, completed_run, config_record, prepare_out
 from reid_ray.train.rows import (
@@ -229,24 +231,24 @@ def train(
         return dict(done, skipped=True)
     rio.remove(rio.join(out, "manifest.json"))  # a run in progress must not look complete
 
-    plan = plan_workers(cluster_view(), cfg)
+    cluster = cluster_view()
+    plan = plan_workers(cluster, cfg)
     resources = {
         "CPU": plan.cpus_per_actor,
         **({"GPU": plan.gpus_per_actor} if plan.gpus_per_actor else {}),
     }
     t_prep = time.perf_counter()
-    size = start.preprocess.input_size[0]
-    decode_size = int(round(size * cfg.augment.decode_scale))
-    cache_mb = cfg.decoded_cache_mb
-    train_ds, n_train, errors = decoded_dataset(
-        train_rows, start.preprocess, decode_size, class_index, "train", cache_mb=cache_mb
+    feed = training_feed(
+        cfg, train_rows, val_rows, start.preprocess, class_index,
+        out=out, cluster=cluster, held_cpus=cfg.workers * plan.cpus_per_actor,
+    )  # fmt: skip
+    train_ds, n_train, val_ds, n_val, errors = (
+        feed.train,
+        feed.n_train,
+        feed.val,
+        feed.n_val,
+        feed.errors,
     )
-    val_ds, n_val, val_errors = (None, 0, [])
-    if val_rows.num_rows:
-        val_ds, n_val, val_errors = decoded_dataset(
-            val_rows, start.preprocess, size, class_index, "val", cache_mb=cache_mb
-        )
-    errors += val_errors
     prepare_s = time.perf_counter() - t_prep
     if errors:
         logger.warning(
@@ -358,6 +360,7 @@ def train(
         "counts": run_counts,
         "margins": {"min": float(margins.min()), "max": float(margins.max())},
         "resources": {"workers": cfg.workers, "per_worker": resources, "plan": plan.to_dict()},
+        "feed": feed.info,
         "timings": timings,
     }
     rio.write_json_atomic(rio.join(out, "metrics.json"), summary)
