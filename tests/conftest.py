@@ -28,6 +28,20 @@ S3_KEY = "testing"
 S3_SECRET = "testing"
 
 
+def session_cluster_args() -> dict:
+    """The settings of the session cluster (modules that start their own cluster restart it
+    with these afterwards)."""
+    return dict(
+        num_cpus=2,
+        object_store_memory=300 * 1024 * 1024,
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="rr-ray-", dir="/tmp"),
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """A local Ray cluster bound to 127.0.0.1, shared by the whole session.
@@ -39,17 +53,8 @@ def ray_cluster(s3_server):
     if ray.is_initialized():
         yield ray
         return
-    tmp = tempfile.mkdtemp(prefix="rr-ray-", dir="/tmp")
-    ray.init(
-        address="local",  # never join a cluster another process left running on this host
-        num_cpus=2,
-        object_store_memory=300 * 1024 * 1024,
-        include_dashboard=False,
-        _temp_dir=tmp,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    # never join a cluster another process left running on this host
+    ray.init(address="local", **session_cluster_args())
     from reid_ray.runtime import configure_data_context
 
     configure_data_context()

@@ -26,6 +26,7 @@ import time
 
 import pyarrow as pa
 import pytest
+from conftest import session_cluster_args
 
 from reid_ray.errors import ManifestError, OutputError
 
@@ -127,19 +128,6 @@ def _stop_cluster(proc: subprocess.Popen, marker: str) -> None:
             pass
 
 
-def _session_cluster_args() -> dict:
-    """The settings of ``conftest.ray_cluster`` (restarted after this module)."""
-    return dict(
-        num_cpus=2,
-        object_store_memory=300 * 1024 * 1024,
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="rr-ray-", dir="/tmp"),
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        configure_logging=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def autoscaling_cluster(s3_server):
     """The fake autoscaling cluster, the driver joined; only the head is up at first."""
@@ -194,7 +182,7 @@ def autoscaling_cluster(s3_server):
         _stop_cluster(head, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if had_session_cluster:
-            ray.init(**_session_cluster_args())
+            ray.init(**session_cluster_args())
             configure_data_context()
 
 

@@ -17,6 +17,7 @@ import tempfile
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import session_cluster_args
 
 from reid_ray.data import read_manifest
 from reid_ray.errors import OutputError
@@ -29,19 +30,6 @@ NODES = 3
 NODE_CPUS = 2
 SPREAD_CPUS = 1.5  # per actor / worker: one per node
 SIFT = dict(extractor="sift", matcher="classical", max_keypoints=200, resize_long_side=224)
-
-
-def _session_cluster_args() -> dict:
-    """The settings of ``conftest.ray_cluster`` (restarted after this module)."""
-    return dict(
-        num_cpus=2,
-        object_store_memory=300 * 1024 * 1024,
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="rr-ray-", dir="/tmp"),
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        configure_logging=False,
-    )
 
 
 def _add_node(c, tries: int = 3, **args):
@@ -105,7 +93,7 @@ def cluster(s3_server):
         c.shutdown()
         _forget_address(c.address)
         if had_session_cluster:
-            ray.init(**_session_cluster_args())
+            ray.init(**session_cluster_args())
             configure_data_context()
 
 
